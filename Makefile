@@ -1,0 +1,42 @@
+# make help: list targets. Every target creates .venv on first use (CPU torch first, then the project).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: help venv train test test-fast lint format bench clean
+
+help:  ## show this help
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0   # the CPU wheel first: a bare torch would pull CUDA
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed  ## create/update .venv (idempotent)
+
+train: venv  ## run the default recipe (tiny VLM, SFT -> GRPO -> evaluate, CPU, < 10 min)
+	$(PY) train.py $(ARGS)
+
+test: venv  ## the whole test suite (CPU, < 15 min on 2 cores)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: venv  ## tests not marked slow or slurm
+	$(PY) -m pytest -m "not slow and not slurm" $(PYTEST_ARGS)
+
+lint: venv  ## ruff check + format check
+	$(VENV)/bin/ruff check src tests benchmarks train.py
+	$(VENV)/bin/ruff format --check src tests benchmarks train.py
+
+format: venv  ## ruff fix + format
+	$(VENV)/bin/ruff check --fix src tests benchmarks train.py
+	$(VENV)/bin/ruff format src tests benchmarks train.py
+
+bench: venv  ## the quickstart benchmark (benchmarks/README.md)
+	$(PY) benchmarks/quickstart.py
+
+clean:  ## remove run dirs and caches (not .venv)
+	rm -rf outputs multirun .pytest_cache .ruff_cache

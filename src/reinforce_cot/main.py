@@ -1,0 +1,66 @@
+"""`python train.py [group=choice ...] [key=value ...]`: compose the config, run the recipe.
+
+    python train.py                                   # quickstart: tiny VLM, SFT -> GRPO -> evaluate
+    python train.py recipe=single algo=sft            # one stage
+    python train.py algo=gspo hardware=1xa100 model=qwen2_5_vl_3b
+    python train.py resume=outputs/20260101_120000_quickstart
+    python train.py -m algo=grpo,gspo seed=0,1        # a sweep: one run dir per job under multirun/
+
+Flow: compose -> validate every stage (before any weights load) -> run dir + provenance -> stages
+(train: data -> model -> rewards -> TRL trainer -> train with auto-resume -> save; evaluate) -> table.
+Bad input ends with a one-line `error: ...` naming the key and the fix (exit code 2).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from reinforce_cot import recipes
+from reinforce_cot.errors import ConfigError
+
+log = logging.getLogger("reinforce_cot")
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def _route_library_logs() -> None:
+    """Send transformers/TRL logs through the root logger so they land in output.log too."""
+    import transformers
+
+    transformers.utils.logging.disable_default_handler()
+    transformers.utils.logging.enable_propagation()
+    transformers.utils.logging.set_verbosity_warning()
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig):
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    _route_library_logs()
+    log.info("run dir: %s", run_dir)
+    try:
+        return recipes.run(cfg, run_dir, list(hc.overrides.task))
+    except ConfigError as e:
+        log.error("error: %s", e)
+        print(f"error: {e}", file=sys.stderr)
+        if hc.mode == RunMode.MULTIRUN:
+            return {"status": "failed", "error": str(e)}
+        raise SystemExit(2) from None
+    except Exception:
+        if hc.mode != RunMode.MULTIRUN:
+            raise
+        # A sweep goes on when one job fails: the failure is logged and marked in its run dir.
+        log.exception("job failed; the sweep continues")
+        (run_dir / "result").mkdir(parents=True, exist_ok=True)
+        (run_dir / "result" / "FAILED").write_text("see output.log\n")
+        return {"status": "failed"}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""One training stage: seed -> data -> model -> rewards -> TRL trainer -> train (auto-resume) -> save.
+
+The algo config names the TRL trainer and mirrors its config dataclass (`algo.trainer`, `algo.args`),
+so this module only wires objects together; what each algorithm does is TRL's. A stage whose
+ckpt/<stage>/ already holds a checkpoint continues from the newest one (same optimizer, scheduler, RNG
+and data order), which is how `resume=<run dir>` and Slurm requeues pick up where they stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from hydra.utils import instantiate
+
+from reinforce_cot import data as data_lib
+from reinforce_cot import models, rewards
+from reinforce_cot.rundir import write_json
+
+log = logging.getLogger(__name__)
+
+
+def build_dataset(cfg, rows: list[dict]):
+    return data_lib.format_split(rows, cfg.data, cfg.algo.kind, with_image=cfg.data.modality == "image")
+
+
+def last_checkpoint(ckpt_dir: Path) -> str | None:
+    """The newest complete checkpoint-<step>/ (trainer_state.json is written last, so a checkpoint a
+    kill interrupted mid-save is skipped)."""
+    done = [p for p in ckpt_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
+
+
+def train_stage(cfg, run_dir: Path, sid: str, splits: dict) -> dict:
+    """Train one stage; returns (and writes to result/<sid>.json) its summary."""
+    from transformers import set_seed
+
+    t0 = time.time()
+    set_seed(cfg.seed)
+    ckpt_dir = run_dir / "ckpt" / sid
+    train_ds = build_dataset(cfg, splits["train"])
+    log.info("[%s] dataset: %d rows, columns %s", sid, len(train_ds), train_ds.column_names)
+
+    path = models.resolve_path(cfg.model)
+    processing_class = models.load_processing_class(path, cfg.model)
+    model = models.load_model(path, cfg.model)
+
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard" / sid)
+    args = instantiate(cfg.algo.args, output_dir=str(ckpt_dir), run_name=f"{run_dir.name}/{sid}")
+    kwargs = dict(model=model, args=args, train_dataset=train_ds, processing_class=processing_class)
+    if cfg.algo.kind == "rl":
+        funcs, weights = rewards.build(cfg.reward)
+        args.reward_weights = weights
+        kwargs["reward_funcs"] = funcs
+        log.info("[%s] rewards: %s", sid, dict(zip([f.__name__ for f in funcs], weights)))
+    trainer = instantiate(cfg.algo.trainer)(**kwargs)
+
+    resume_from = last_checkpoint(ckpt_dir)
+    if resume_from:
+        log.info("[%s] resuming from %s", sid, resume_from)
+    out = trainer.train(resume_from_checkpoint=resume_from)
+
+    final = ckpt_dir / "final"
+    trainer.save_model(str(final))
+    if trainer.is_world_process_zero():
+        processing_class.save_pretrained(str(final))
+    summary = {
+        "stage": sid,
+        "algo": cfg.algo.name,
+        "global_step": trainer.state.global_step,
+        "train_metrics": out.metrics,
+        "wall_seconds": round(time.time() - t0, 1),
+        "final": str(final),
+        "resumed_from": resume_from,
+        "log_history": trainer.state.log_history,
+    }
+    if trainer.is_world_process_zero():
+        write_json(run_dir / "result" / f"{sid}.json", summary)
+    log.info("[%s] done: %d steps in %.0f s -> %s", sid, trainer.state.global_step, summary["wall_seconds"], final)
+    return summary

@@ -1,0 +1,95 @@
+"""Synthetic generators are deterministic and correct; JSONL loading names bad rows; TRL formatting."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+from reinforce_cot import data
+from reinforce_cot.errors import ConfigError
+
+
+def test_shapes_are_deterministic_per_seed():
+    a, b, c = data.shapes_rows(20, seed=3), data.shapes_rows(20, seed=3), data.shapes_rows(20, seed=4)
+    assert [r["question"] for r in a] == [r["question"] for r in b]
+    assert all(x["image"].tobytes() == y["image"].tobytes() for x, y in zip(a, b))
+    assert [r["layout"] for r in a] != [r["layout"] for r in c]
+
+
+def test_shapes_answers_match_what_is_drawn():
+    for row in data.shapes_rows(50, seed=0, targets=["red square"]):
+        kinds = [tuple(k) for _, k in json.loads(row["layout"])]
+        assert kinds.count(("red", "square")) == int(row["answer"]) == row["count"]
+        assert len(kinds) - row["count"] == row["distractors"]
+        assert row["question"] == "How many red squares are there?"
+        assert f"So there are {row['answer']}." in row["reasoning"]
+        assert row["difficulty"] in (0, 1, 2)
+        # the image really holds that many red pixels' worth of shapes (red appears iff count > 0)
+        reds = sum(1 for p in row["image"].getdata() if p == data.COLOURS["red"])
+        assert reds > 0
+
+
+def test_splits_are_disjoint():
+    train = data.shapes_rows(500, seed=0, max_count=1, max_distractors=0)  # few layouts: many collisions
+    test = data.disjoint(train, data.shapes_rows(200, seed=1, max_count=1, max_distractors=0))
+    train_layouts = {r["layout"] for r in train}
+    assert test and all(r["layout"] not in train_layouts for r in test)
+
+
+def test_arithmetic_reasoning_is_right():
+    for row in data.arithmetic_rows(100, seed=0):
+        a, b = map(int, row["question"][len("What is ") : -1].split(" + "))
+        assert row["answer"] == str(a + b) and row["reasoning"].endswith(f"= {a + b}.")
+
+
+def _jsonl(tmp_path, rows, images=()):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in images:
+        Image.new("RGB", (16, 16), (255, 0, 0)).save(folder / name)
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path), str(folder)
+
+
+FIELDS = {"image": "image", "question": "question", "answer": "answer", "reasoning": "reasoning"}
+
+
+def test_jsonl_loads_the_seeds_format(tmp_path):
+    path, folder = _jsonl(
+        tmp_path,
+        [{"image": "a.png", "question": "Q?", "answer": 2, "reasoning": ["Step 1", "Step 2"]}],
+        images=["a.png"],
+    )
+    (row,) = data.jsonl_rows(path, folder, FIELDS)
+    assert row["answer"] == "2" and row["reasoning"] == "Step 1\nStep 2" and row["image"].size == (16, 16)
+
+
+@pytest.mark.parametrize(
+    ("rows", "needle"),
+    [
+        ([{"question": "Q?", "answer": "1"}, {"question": "Q2?"}], "data.jsonl:2: no 'answer' field"),
+        ([{"image": "missing.png", "question": "Q?", "answer": "1"}], "missing.png does not exist"),
+        ([{"image": "bad.png", "question": "Q?", "answer": "1"}], "bad.png is not an image"),
+    ],
+)
+def test_jsonl_bad_rows_name_the_line_and_file(tmp_path, rows, needle):
+    path, folder = _jsonl(tmp_path, rows)
+    (tmp_path / "images" / "bad.png").write_text("not a png")
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        data.jsonl_rows(path, folder, FIELDS)
+
+
+def test_format_for_trl():
+    rows = data.shapes_rows(2, seed=0)
+    cfg = OmegaConf.create({"prompt_template": data.DEFAULT_TEMPLATE, "system_prompt": None})
+    sft = data.format_split(rows, cfg, "sft", with_image=True)
+    rl = data.format_split(rows, cfg, "rl", with_image=True)
+    assert sft[0]["prompt"][0]["content"][0]["type"] == "image"
+    assert sft[0]["completion"][0]["content"] == data.target(rows[0])
+    assert "completion" not in rl.column_names and {"answer", "difficulty", "image"} <= set(rl.column_names)
+    text = data.format_split(data.arithmetic_rows(1, seed=0), cfg, "rl", with_image=False)
+    assert isinstance(text[0]["prompt"][0]["content"], str)
