@@ -89,8 +89,12 @@ def load_splits(data_cfg) -> dict[str, list[dict]]:
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
-    """Run (or resume) every stage of the recipe; returns the summary table's rows."""
-    if cfg.resume:
+    """Run (or resume) every stage of the recipe; returns each stage's result.
+
+    A run dir that already holds backup/config.yaml is resumed: `resume=<dir>`, or a Slurm job
+    requeued into its own folder."""
+    resuming = bool(cfg.resume) or (run_dir / "backup" / "config.yaml").is_file()
+    if resuming:
         rundir.check_resumable(run_dir)
         stage_cfgs = {p.stem: OmegaConf.load(p) for p in sorted((run_dir / "backup" / "stages").glob("*.yaml"))}
         rundir.note_resume(run_dir, overrides)
@@ -99,14 +103,14 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         stage_cfgs = compose_stages(cfg, overrides, run_dir)
     splits: dict[str, dict] = {}  # one load per distinct data config, shared by stages
     for sid, scfg in stage_cfgs.items():
+        if scfg.stage.kind not in stage_kinds():
+            raise ConfigError(f"recipe stage {sid}: unknown kind '{scfg.stage.kind}'; use one of {list(stage_kinds())}")
         config_lib.validate(scfg)
         key = OmegaConf.to_yaml(scfg.data)
         if key not in splits:
             splits[key] = load_splits(scfg.data)
-    if not cfg.resume:
+    if not resuming:
         rundir.write_provenance(run_dir, cfg, overrides, stage_cfgs)
-
-    from reinforce_cot import training
 
     results: dict[str, dict] = {}
     for sid, scfg in stage_cfgs.items():
@@ -116,14 +120,19 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
             results[sid] = OmegaConf.to_container(OmegaConf.load(done))
             continue
         log.info("[%s] start: %s", sid, scfg.stage.kind)
-        data_splits = splits[OmegaConf.to_yaml(scfg.data)]
-        if scfg.stage.kind == "train":
-            results[sid] = training.train_stage(scfg, run_dir, sid, data_splits)
-        elif scfg.stage.kind == "evaluate":
-            results[sid] = evaluate_stage(scfg, run_dir, sid, data_splits, results)
-        else:
-            raise ConfigError(f"recipe stage {sid}: unknown kind '{scfg.stage.kind}'; use train or evaluate")
+        stage_fn = stage_kinds()[scfg.stage.kind]
+        results[sid] = stage_fn(scfg, run_dir, sid, splits[OmegaConf.to_yaml(scfg.data)], results)
     return results
+
+
+def stage_kinds() -> dict:
+    """What each recipe stage `kind` runs: fn(cfg, run_dir, stage_id, splits, earlier_results) -> dict."""
+    from reinforce_cot import training
+
+    return {
+        "train": training.train_stage,
+        "evaluate": evaluate_stage,
+    }
 
 
 def evaluate_stage(cfg, run_dir: Path, sid: str, splits: dict, results: dict) -> dict:

@@ -33,7 +33,7 @@ def last_checkpoint(ckpt_dir: Path) -> str | None:
     return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
 
 
-def train_stage(cfg, run_dir: Path, sid: str, splits: dict) -> dict:
+def train_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: dict | None = None) -> dict:
     """Train one stage; returns (and writes to result/<sid>.json) its summary."""
     from transformers import set_seed
 
