@@ -1,0 +1,453 @@
+#!/usr/bin/env bash
+# Single-node Slurm cluster on 127.0.0.1 for tests (Debian bookworm, Slurm 22.05).
+#
+#   slurm/local_cluster.sh start    install packages if missing, start munged,
+#                                   a private MariaDB, slurmdbd, slurmctld, slurmd;
+#                                   returns once the node is idle and root has an
+#                                   association in the accounting database
+#   slurm/local_cluster.sh stop     cancel jobs, stop only the daemons started here
+#   slurm/local_cluster.sh status   print state; exit 0 when up, 1 when down
+#   slurm/local_cluster.sh env      print `export SLURM_CONF=...` for clients
+#   slurm/local_cluster.sh purge    stop, then delete the state folder
+#
+# Everything (configs, pid files, logs, spool, DB, munge socket) lives under
+# $RCOT_SLURM_STATE (default /tmp/reinforce-cot-slurm). The client config is
+# also copied to /etc/slurm/slurm.conf so plain sbatch/sacct/submitit work
+# without SLURM_CONF. See slurm/README.md.
+set -euo pipefail
+
+export OMP_NUM_THREADS=1
+export LC_ALL=C
+
+STATE="${RCOT_SLURM_STATE:-/tmp/reinforce-cot-slurm}"
+CLUSTER="${RCOT_SLURM_CLUSTER:-rcot}"
+CTLD_PORT="${RCOT_SLURM_PORT:-6817}"          # slurmd uses +1, slurmdbd +2
+SLURMD_PORT=$((CTLD_PORT + 1))
+DBD_PORT=$((CTLD_PORT + 2))
+DB_PORT="${RCOT_SLURM_DB_PORT:-3307}"          # private MariaDB, 127.0.0.1 only
+TIMEOUT="${RCOT_SLURM_TIMEOUT:-60}"            # seconds per readiness wait
+PACKAGES=(slurm-wlm slurmdbd slurm-client munge mariadb-server mariadb-client)
+
+ETC="$STATE/etc"
+RUN="$STATE/run"
+LOG="$STATE/log"
+CONF="$ETC/slurm.conf"
+DBDCONF="$ETC/slurmdbd.conf"
+MUNGE_DIR="$STATE/munge"
+MUNGE_SOCKET="$MUNGE_DIR/munge.socket.2"
+MUNGE_KEY="$MUNGE_DIR/munge.key"
+DB_DIR="$STATE/mysql"
+DB_SOCKET="$RUN/mysqld.sock"
+SYSTEM_CONF=/etc/slurm/slurm.conf
+MARKER="# managed by reinforce-cot slurm/local_cluster.sh"
+
+# daemon name -> pid file; the name is also the expected /proc/PID/comm
+declare -A PIDFILE=(
+  [munged]="$RUN/munged.pid"
+  [mariadbd]="$RUN/mariadbd.pid"
+  [slurmdbd]="$RUN/slurmdbd.pid"
+  [slurmctld]="$RUN/slurmctld.pid"
+  [slurmd]="$RUN/slurmd.pid"
+)
+declare -A LOGFILE=(
+  [munged]="$LOG/munged.log"
+  [mariadbd]="$LOG/mariadbd.log"
+  [slurmdbd]="$LOG/slurmdbd.log"
+  [slurmctld]="$LOG/slurmctld.log"
+  [slurmd]="$LOG/slurmd.log"
+)
+DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)
+
+log() { echo "local_cluster: $*" >&2; }
+
+die() {  # die MESSAGE [LOGFILE]: tail of the log, then a one-line error last
+  if [[ -n "${2:-}" && -f "$2" ]]; then
+    echo "---- last lines of $2 ----" >&2
+    tail -n 15 "$2" >&2 || true
+    echo "----" >&2
+  fi
+  echo "local_cluster: ERROR: $1${2:+ (log: $2)}" >&2
+  exit 1
+}
+
+need_root() { [[ $(id -u) -eq 0 ]] || die "must run as root (daemons run as SlurmUser=root)"; }
+
+# alive and not a zombie (daemons are reparented to PID 1, which may be slow
+# to reap them, and kill -0 succeeds on a zombie)
+alive() {
+  local st
+  st=$(sed -n 's/^State:[[:space:]]*\([A-Z]\).*/\1/p' "/proc/$1/status" 2>/dev/null) || return 1
+  [[ -n $st && $st != Z && $st != X ]]
+}
+
+# pid from a pid file if that process is alive and is the expected program
+live_pid() {
+  local name=$1 f=${PIDFILE[$1]} pid comm
+  [[ -s $f ]] || return 1
+  pid=$(tr -dc '0-9' <"$f")
+  [[ -n $pid ]] && alive "$pid" || return 1
+  comm=$(cat "/proc/$pid/comm" 2>/dev/null) || return 1
+  [[ $comm == "$name" ]] || return 1   # guards against pid reuse
+  echo "$pid"
+}
+
+wait_for() {  # wait_for SECONDS DESCRIPTION LOGFILE CMD...
+  local secs=$1 what=$2 logf=$3; shift 3
+  local end=$((SECONDS + secs))
+  until "$@" >/dev/null 2>&1; do
+    ((SECONDS < end)) || die "$what not ready within ${secs}s" "$logf"
+    sleep 0.2
+  done
+}
+
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+with_conf() { SLURM_CONF="$CONF" "$@"; }
+
+# ---------------------------------------------------------------- packages
+have_packages() {
+  local p st
+  for p in "${PACKAGES[@]}"; do
+    st=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null) || return 1
+    [[ $st == installed ]] || return 1
+  done
+  command -v slurmctld >/dev/null && command -v mariadbd >/dev/null
+}
+
+install_packages() {
+  have_packages && return 0
+  command -v apt-get >/dev/null || die "packages missing (${PACKAGES[*]}) and apt-get not available"
+  log "installing ${PACKAGES[*]} (apt-get)"
+  # policy-rc.d exit 101 keeps maintainer scripts from starting daemons;
+  # put ours in place for the install and restore whatever was there.
+  local prc=/usr/sbin/policy-rc.d backup="" created=0
+  if [[ -e $prc ]] && ! grep -qx 'exit 101' "$prc"; then
+    backup=$(mktemp); cp -p "$prc" "$backup"
+  fi
+  if [[ ! -e $prc || -n $backup ]]; then
+    printf '#!/bin/sh\nexit 101\n' >"$prc"; chmod 755 "$prc"; created=1
+  fi
+  local rc=0
+  export DEBIAN_FRONTEND=noninteractive
+  local apt=(apt-get install -y -q --no-install-recommends
+             -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
+  if ! "${apt[@]}" "${PACKAGES[@]}" >"/tmp/rcot-slurm-apt.log" 2>&1; then
+    log "install failed with current package lists; running apt-get update once"
+    { apt-get update -q && "${apt[@]}" "${PACKAGES[@]}"; } >>"/tmp/rcot-slurm-apt.log" 2>&1 || rc=$?
+  fi
+  if ((created)); then
+    if [[ -n $backup ]]; then cp -p "$backup" "$prc"; rm -f "$backup"; else rm -f "$prc"; fi
+  fi
+  ((rc == 0)) || die "apt-get install failed" /tmp/rcot-slurm-apt.log
+  have_packages || die "packages still missing after apt-get install" /tmp/rcot-slurm-apt.log
+}
+
+# ---------------------------------------------------------------- config
+node_name() { hostname -s; }
+
+write_configs() {
+  local node cpus mem_total real_mem sockets cores threads line
+  node=$(node_name)
+  # GNU nproc honours OMP_NUM_THREADS (exported as 1 above): unset it here
+  cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
+  mem_total=$(awk '/^MemTotal:/ {print int($2/1024)}' /proc/meminfo)
+  # RealMemory must not exceed what slurmd measures, or the node is drained;
+  # keep a margin for the OS and the daemons themselves.
+  real_mem=$((mem_total - 1024)); ((real_mem >= 256)) || real_mem=$((mem_total / 2))
+  # Socket/core/thread layout as slurmd sees it (avoids "config differs" noise).
+  sockets=""; cores=""; threads=""
+  if line=$(slurmd -C 2>/dev/null | head -n1) && [[ $line == NodeName=* ]]; then
+    local c
+    c=$(sed -n 's/.* CPUs=\([0-9]*\).*/\1/p' <<<"$line")
+    if [[ $c == "$cpus" ]]; then
+      sockets=$(sed -n 's/.*SocketsPerBoard=\([0-9]*\).*/\1/p' <<<"$line")
+      cores=$(sed -n 's/.*CoresPerSocket=\([0-9]*\).*/\1/p' <<<"$line")
+      threads=$(sed -n 's/.*ThreadsPerCore=\([0-9]*\).*/\1/p' <<<"$line")
+    fi
+  fi
+  local topo=""
+  [[ -n $sockets && -n $cores && -n $threads ]] &&
+    topo=" Sockets=$sockets CoresPerSocket=$cores ThreadsPerCore=$threads"
+
+  cat >"$CONF.new" <<EOF
+$MARKER
+# Single-node test cluster; state folder: $STATE
+ClusterName=$CLUSTER
+SlurmctldHost=$node(127.0.0.1)
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$SLURMD_PORT
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+# cred_expire also is how long a requeued job waits before it may start again
+# (default 120 s); 10 s keeps scontrol-requeue and submitit-requeue tests quick.
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
+# Connections to slurmdbd take their munge socket from AccountingStoragePass,
+# not AuthInfo; without this sacct/sacctmgr use /run/munge and fail.
+AccountingStoragePass=socket=$MUNGE_SOCKET
+StateSaveLocation=$STATE/slurmctld
+SlurmdSpoolDir=$STATE/slurmd
+SlurmctldPidFile=${PIDFILE[slurmctld]}
+SlurmdPidFile=${PIDFILE[slurmd]}
+SlurmctldLogFile=${LOGFILE[slurmctld]}
+SlurmdLogFile=${LOGFILE[slurmd]}
+SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=30
+MailProg=/bin/true
+MpiDefault=none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+# sched_interval/bf_interval: re-test pending jobs every 2 s (defaults 60/30 s),
+# so a requeued job restarts as soon as its cred_expire delay is over
+SchedulerParameters=batch_sched_delay=0,sched_interval=2,bf_interval=2
+EnforcePartLimits=ALL
+JobRequeue=1
+KillWait=5
+OverTimeLimit=0
+InactiveLimit=0
+MinJobAge=300
+ReturnToService=2
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=127.0.0.1
+AccountingStoragePort=$DBD_PORT
+JobCompType=jobcomp/none
+NodeName=$node NodeAddr=127.0.0.1 NodeHostname=$node CPUs=$cpus$topo RealMemory=$real_mem State=UNKNOWN
+PartitionName=debug Nodes=$node Default=YES MaxTime=01:00:00 DefaultTime=00:10:00 State=UP
+EOF
+  mv "$CONF.new" "$CONF"
+  chmod 644 "$CONF"
+
+  [[ -s $ETC/dbpass ]] || { head -c 18 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' >"$ETC/dbpass"; }
+  chmod 600 "$ETC/dbpass"
+  umask 077
+  cat >"$DBDCONF" <<EOF
+$MARKER
+AuthType=auth/munge
+AuthInfo=socket=$MUNGE_SOCKET
+DbdHost=$node
+DbdAddr=127.0.0.1
+DbdPort=$DBD_PORT
+SlurmUser=root
+DebugLevel=info
+LogFile=${LOGFILE[slurmdbd]}
+PidFile=${PIDFILE[slurmdbd]}
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$DB_PORT
+StorageUser=slurm
+StoragePass=$(cat "$ETC/dbpass")
+StorageLoc=slurm_acct_db
+EOF
+  umask 022
+  chmod 600 "$DBDCONF"
+}
+
+# Clients (sbatch, sacct, submitit) read /etc/slurm/slurm.conf by default.
+install_system_conf() {
+  mkdir -p "$(dirname "$SYSTEM_CONF")"
+  if [[ -e $SYSTEM_CONF ]] && ! grep -qxF "$MARKER" "$SYSTEM_CONF"; then
+    log "WARNING: $SYSTEM_CONF exists and is not ours; left untouched. Use: eval \"\$($0 env)\""
+    return 0
+  fi
+  cp "$CONF" "$SYSTEM_CONF.rcot.tmp" && mv "$SYSTEM_CONF.rcot.tmp" "$SYSTEM_CONF"
+}
+
+# ---------------------------------------------------------------- daemons
+start_munged() {
+  live_pid munged >/dev/null && return 0
+  if [[ ! -s $MUNGE_KEY ]]; then
+    umask 077
+    if command -v mungekey >/dev/null; then mungekey -c -k "$MUNGE_KEY" >/dev/null 2>&1 || true; fi
+    [[ -s $MUNGE_KEY ]] || dd if=/dev/urandom of="$MUNGE_KEY" bs=1024 count=1 status=none
+    umask 022
+  fi
+  chmod 600 "$MUNGE_KEY"
+  rm -f "$MUNGE_SOCKET" "$MUNGE_SOCKET.lock"
+  munged --key-file="$MUNGE_KEY" --socket="$MUNGE_SOCKET" \
+    --pid-file="${PIDFILE[munged]}" --log-file="${LOGFILE[munged]}" \
+    --seed-file="$MUNGE_DIR/munged.seed" --num-threads=2 \
+    </dev/null >>"$LOG/munged.stdout" 2>&1 ||
+    die "munged failed to start" "${LOGFILE[munged]}"
+  wait_for "$TIMEOUT" munged "${LOGFILE[munged]}" bash -c "munge -S '$MUNGE_SOCKET' -n </dev/null | unmunge -S '$MUNGE_SOCKET'"
+}
+
+db_sql() { mariadb --no-defaults -S "$DB_SOCKET" -uroot "$@"; }
+
+start_mariadb() {
+  if ! live_pid mariadbd >/dev/null; then
+    if [[ ! -d $DB_DIR/mysql ]]; then
+      log "initialising private MariaDB in $DB_DIR"
+      rm -rf "$DB_DIR"; mkdir -p "$DB_DIR"
+      mariadb-install-db --no-defaults --datadir="$DB_DIR" --user=root \
+        --skip-test-db >"$LOG/mariadb-install.log" 2>&1 ||
+        die "mariadb-install-db failed" "$LOG/mariadb-install.log"
+    fi
+    port_in_use "$DB_PORT" && die "port $DB_PORT (MariaDB) already in use; set RCOT_SLURM_DB_PORT"
+    rm -f "$DB_SOCKET"
+    setsid mariadbd --no-defaults --user=root --datadir="$DB_DIR" \
+      --socket="$DB_SOCKET" --port="$DB_PORT" --bind-address=127.0.0.1 \
+      --pid-file="${PIDFILE[mariadbd]}" --log-error="${LOGFILE[mariadbd]}" \
+      --skip-name-resolve --skip-log-bin --innodb-buffer-pool-size=128M \
+      --innodb-log-file-size=64M --innodb-lock-wait-timeout=900 \
+      </dev/null >>"$LOG/mariadbd.stdout" 2>&1 &
+    wait_for "$TIMEOUT" MariaDB "${LOGFILE[mariadbd]}" \
+      mariadb-admin --no-defaults -S "$DB_SOCKET" -uroot ping
+    wait_for 10 "MariaDB pid file" "${LOGFILE[mariadbd]}" live_pid mariadbd
+  fi
+  local pass; pass=$(cat "$ETC/dbpass")
+  db_sql -e "CREATE DATABASE IF NOT EXISTS slurm_acct_db;
+    CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$pass';
+    CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY '$pass';
+    ALTER USER 'slurm'@'127.0.0.1' IDENTIFIED BY '$pass';
+    ALTER USER 'slurm'@'localhost' IDENTIFIED BY '$pass';
+    GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';
+    GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';" \
+    >>"$LOG/mariadb-setup.log" 2>&1 || die "MariaDB user setup failed" "$LOG/mariadb-setup.log"
+}
+
+start_slurmdbd() {
+  if ! live_pid slurmdbd >/dev/null; then
+    port_in_use "$DBD_PORT" && die "port $DBD_PORT (slurmdbd) already in use; set RCOT_SLURM_PORT"
+    SLURM_CONF="$CONF" slurmdbd </dev/null >>"$LOG/slurmdbd.stdout" 2>&1 ||
+      die "slurmdbd failed to start" "${LOGFILE[slurmdbd]}"
+  fi
+  # first start creates the schema, which takes a few seconds
+  wait_for "$TIMEOUT" slurmdbd "${LOGFILE[slurmdbd]}" with_conf sacctmgr -n -P show cluster
+  if [[ -z $(with_conf sacctmgr -n -P show cluster format=cluster where cluster="$CLUSTER" 2>/dev/null) ]]; then
+    with_conf sacctmgr -i add cluster "$CLUSTER" >>"$LOG/sacctmgr.log" 2>&1 ||
+      die "sacctmgr add cluster $CLUSTER failed" "$LOG/sacctmgr.log"
+  fi
+  # `add cluster` creates account root with user root; make it explicit anyway
+  if [[ -z $(with_conf sacctmgr -n -P show assoc format=account where cluster="$CLUSTER" user=root 2>/dev/null) ]]; then
+    with_conf sacctmgr -i add user root account=root cluster="$CLUSTER" >>"$LOG/sacctmgr.log" 2>&1 ||
+      die "sacctmgr add user root failed" "$LOG/sacctmgr.log"
+  fi
+}
+
+start_slurmctld() {
+  live_pid slurmctld >/dev/null && return 0
+  port_in_use "$CTLD_PORT" && die "port $CTLD_PORT (slurmctld) already in use; set RCOT_SLURM_PORT"
+  SLURM_CONF="$CONF" slurmctld </dev/null >>"$LOG/slurmctld.stdout" 2>&1 ||
+    die "slurmctld failed to start" "${LOGFILE[slurmctld]}"
+}
+
+start_slurmd() {
+  live_pid slurmd >/dev/null && return 0
+  port_in_use "$SLURMD_PORT" && die "port $SLURMD_PORT (slurmd) already in use; set RCOT_SLURM_PORT"
+  SLURM_CONF="$CONF" slurmd -N "$(node_name)" </dev/null >>"$LOG/slurmd.stdout" 2>&1 ||
+    die "slurmd failed to start" "${LOGFILE[slurmd]}"
+}
+
+node_state() { with_conf sinfo -h -N -n "$(node_name)" -o %T 2>/dev/null | head -n1; }
+node_ready() { [[ $(node_state) =~ ^(idle|mixed|allocated|completing)$ ]]; }
+ctld_registered() {  # slurmctld has connected to slurmdbd
+  [[ -n $(with_conf sacctmgr -n -P show cluster format=controlhost where cluster="$CLUSTER" 2>/dev/null) ]]
+}
+
+all_running() {
+  local d
+  for d in "${DAEMONS[@]}"; do live_pid "$d" >/dev/null || return 1; done
+}
+
+cmd_start() {
+  need_root
+  if all_running && node_ready; then
+    log "already running (state: $STATE)"
+    return 0
+  fi
+  local t0=$SECONDS
+  # unix socket paths are limited to 107 bytes; slurm.conf cannot quote spaces
+  ((${#MUNGE_SOCKET} < 100)) || die "state path too long for a unix socket: $STATE"
+  [[ $STATE != *[[:space:]]* ]] || die "state path must not contain spaces: $STATE"
+  install_packages
+  mkdir -p "$ETC" "$RUN" "$LOG" "$MUNGE_DIR" "$STATE/slurmctld" "$STATE/slurmd"
+  chmod 755 "$STATE" "$ETC" "$RUN" "$LOG" "$MUNGE_DIR"
+  if ! live_pid slurmctld >/dev/null && ! live_pid slurmd >/dev/null &&
+     ! live_pid slurmdbd >/dev/null; then
+    write_configs   # fresh view of hostname/CPUs/memory while nothing uses them
+  fi
+  install_system_conf
+  start_munged
+  start_mariadb
+  start_slurmdbd
+  start_slurmctld
+  start_slurmd
+  wait_for "$TIMEOUT" "slurmctld" "${LOGFILE[slurmctld]}" with_conf scontrol ping
+  wait_for "$TIMEOUT" "node $(node_name) idle (state: \$(sinfo))" "${LOGFILE[slurmd]}" node_ready
+  wait_for "$TIMEOUT" "slurmctld registration with slurmdbd" "${LOGFILE[slurmctld]}" ctld_registered
+  all_running || die "a daemon exited during start; see logs in $LOG"
+  log "up in $((SECONDS - t0))s: cluster=$CLUSTER node=$(node_name) partition=debug state=$STATE conf=$CONF (also $SYSTEM_CONF)"
+}
+
+stop_daemon() {
+  local name=$1 pid i
+  if pid=$(live_pid "$name"); then
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do alive "$pid" || break; sleep 0.1; done
+    if alive "$pid"; then
+      log "$name ($pid) ignored SIGTERM for 10s; sending SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+    log "stopped $name ($pid)"
+  fi
+  rm -f "${PIDFILE[$name]}"
+}
+
+cmd_stop() {
+  need_root
+  if live_pid slurmctld >/dev/null; then
+    # cancel our jobs so no slurmstepd / job processes outlive the cluster
+    local jobs=()
+    mapfile -t jobs < <(with_conf squeue -h -o %i 2>/dev/null)
+    if ((${#jobs[@]})); then
+      with_conf scancel --full --quiet "${jobs[@]}" 2>/dev/null || true
+      local end=$((SECONDS + 15))
+      while [[ -n $(with_conf squeue -h -o %i 2>/dev/null) ]] && ((SECONDS < end)); do sleep 0.5; done
+    fi
+  fi
+  local i
+  for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do stop_daemon "${DAEMONS[$i]}"; done
+  log "stopped (state kept in $STATE)"
+}
+
+cmd_status() {
+  local d pid up=0
+  echo "state: $STATE"
+  for d in "${DAEMONS[@]}"; do
+    if pid=$(live_pid "$d"); then echo "$d: running (pid $pid)"; else echo "$d: down"; up=1; fi
+  done
+  if ((up == 0)); then
+    local st; st=$(node_state)
+    echo "node $(node_name): ${st:-unknown}"
+    node_ready || up=1
+  fi
+  if ((up == 0)); then echo "cluster: up"; else echo "cluster: down"; fi
+  return $up
+}
+
+cmd_env() {
+  echo "export SLURM_CONF=$CONF"
+  echo "export RCOT_SLURM_STATE=$STATE"
+}
+
+cmd_purge() {
+  cmd_stop
+  rm -rf "$STATE"
+  if [[ -e $SYSTEM_CONF ]] && grep -qxF "$MARKER" "$SYSTEM_CONF"; then rm -f "$SYSTEM_CONF"; fi
+  log "removed $STATE"
+}
+
+case "${1:-}" in
+  start) cmd_start ;;
+  stop) cmd_stop ;;
+  status) cmd_status ;;
+  env) cmd_env ;;
+  purge) cmd_purge ;;
+  *) echo "usage: $0 start|stop|status|env|purge" >&2; exit 2 ;;
+esac
