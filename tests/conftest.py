@@ -41,7 +41,9 @@ class Run:
         return json.loads((self.dir / "result" / name).read_text())
 
     def __repr__(self):
-        return f"Run(rc={self.returncode}, dir={self.dir})\nSTDOUT:\n{self.stdout[-3000:]}\nSTDERR:\n{self.stderr[-3000:]}"
+        return (
+            f"Run(rc={self.returncode}, dir={self.dir})\nSTDOUT:\n{self.stdout[-3000:]}\nSTDERR:\n{self.stderr[-3000:]}"
+        )
 
 
 def run_train(tmp_path: Path, *overrides: str, timeout: int = 600, env: dict | None = None) -> Run:

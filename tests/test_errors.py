@@ -62,7 +62,7 @@ def _jsonl(tmp_path, rows):
     (tmp_path / "img" / "bad.png").write_bytes(b"garbage")
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(map(json.dumps, rows)))
-    return [f"data=jsonl", f"data.train.path={path}", f"data.test.path={path}", f"data.image_folder={tmp_path}/img"]
+    return ["data=jsonl", f"data.train.path={path}", f"data.test.path={path}", f"data.image_folder={tmp_path}/img"]
 
 
 @pytest.mark.parametrize(

@@ -33,9 +33,7 @@ def _skip_reason() -> str | None:
 
 
 def _run(args, env, timeout=60, check=False):
-    return subprocess.run(
-        args, env=env, capture_output=True, text=True, timeout=timeout, check=check
-    )
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, check=check)
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +86,10 @@ def test_batch_job_runs_and_is_accounted(slurm_env, tmp_path):
     out = tmp_path / "result.txt"
     res = _sbatch(
         slurm_env,
-        "-o", str(tmp_path / "slurm-%j.out"),
-        "--wrap", f"echo hello-from-$SLURM_JOB_ID > {out}",
+        "-o",
+        str(tmp_path / "slurm-%j.out"),
+        "--wrap",
+        f"echo hello-from-$SLURM_JOB_ID > {out}",
     )
     assert res.returncode == 0, res.stderr
     job_id = res.stdout.strip().split(";")[0]
@@ -123,8 +123,12 @@ def test_time_above_partition_limit_rejected_at_submit(slurm_env):
 def test_requeue_restarts_job(slurm_env, tmp_path):
     log = tmp_path / "requeue.out"
     res = _sbatch(
-        slurm_env, "-o", str(log), "--open-mode=append",
-        "--wrap", "echo run-${SLURM_RESTART_COUNT:-0}; sleep 60",
+        slurm_env,
+        "-o",
+        str(log),
+        "--open-mode=append",
+        "--wrap",
+        "echo run-${SLURM_RESTART_COUNT:-0}; sleep 60",
     )
     assert res.returncode == 0, res.stderr
     job_id = res.stdout.strip().split(";")[0]

@@ -48,7 +48,11 @@ def _validate_rl(cfg) -> None:
     if not cfg.reward:
         raise ConfigError(f"algo={cfg.algo.name} needs rewards but reward is empty; use reward=r1 (or accuracy)")
     if "steps_per_generation" in args and args.get("generation_batch_size") is None:
-        gen = args.per_device_train_batch_size * hw.num_processes * (args.steps_per_generation or args.gradient_accumulation_steps)
+        gen = (
+            args.per_device_train_batch_size
+            * hw.num_processes
+            * (args.steps_per_generation or args.gradient_accumulation_steps)
+        )
         source = (
             f"per_device_train_batch_size {args.per_device_train_batch_size} x processes {hw.num_processes}"
             f" x steps_per_generation {args.steps_per_generation}"
@@ -64,7 +68,10 @@ def _validate_rl(cfg) -> None:
             f"algo.args.num_generations={args.num_generations} must divide the generation batch ({source} = {gen}); "
             f"use one of {divisors} or change the batch"
         )
-    if args.get("importance_sampling_level") == "sequence" and args.get("steps_per_generation", 1) <= args.gradient_accumulation_steps:
+    if (
+        args.get("importance_sampling_level") == "sequence"
+        and args.get("steps_per_generation", 1) <= args.gradient_accumulation_steps
+    ):
         raise ConfigError(
             f"algo={cfg.algo.name}: the sequence-level ratio is 1 on-policy; set algo.args.steps_per_generation "
             f"> gradient_accumulation_steps ({args.gradient_accumulation_steps})"

@@ -159,7 +159,9 @@ def jsonl_rows(path: str, image_folder: str | None, fields: dict[str, str]) -> l
                 with Image.open(img_path) as im:
                     row["image"] = im.convert("RGB")
             except FileNotFoundError:
-                raise ConfigError(f"{where}: image {img_path} does not exist; fix the path or data.image_folder") from None
+                raise ConfigError(
+                    f"{where}: image {img_path} does not exist; fix the path or data.image_folder"
+                ) from None
             except (UnidentifiedImageError, OSError):
                 raise ConfigError(f"{where}: {img_path} is not an image; replace the file or drop the row") from None
         else:

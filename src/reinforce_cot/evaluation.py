@@ -1,6 +1,6 @@
 """Held-out evaluation: greedy and sampled accuracy, pass@k, maj@k, format rate, completion length.
 
-Generation is batched HF `generate` on the local model (left padding). Sampled metrics draw `k`
+Generation goes through the configured backend (reinforce_cot.generation). Sampled metrics draw `k`
 completions per prompt at `temperature`; pass@k uses the unbiased estimator of Chen et al. (2021),
 1 - C(n-c, k) / C(n, k), which with n = k samples reduces to "any of the k was correct".
 
@@ -13,7 +13,6 @@ import logging
 import math
 from collections import Counter, defaultdict
 
-from reinforce_cot import data as data_lib
 from reinforce_cot import rewards
 
 log = logging.getLogger(__name__)
@@ -30,50 +29,17 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def generate(model, processing_class, rows, cfg, *, sample: bool, n: int) -> list[list[str]]:
-    """`n` completions for each row (greedy if not `sample`), as decoded text."""
-    import torch
-
-    with_image = cfg.data.modality == "image"
-    tok = getattr(processing_class, "tokenizer", processing_class)
-    model.eval()
-    out: list[list[str]] = []
-    bs = max(1, cfg.eval.batch_size // n)
-    for start in range(0, len(rows), bs):
-        batch = rows[start : start + bs]
-        prompts = [
-            processing_class.apply_chat_template(
-                data_lib.prompt_messages(r, cfg.data.prompt_template, cfg.data.system_prompt, with_image),
-                add_generation_prompt=True,
-                tokenize=False,
-            )
-            for r in batch
-        ]
-        prompts = [p for p in prompts for _ in range(n)]
-        if with_image:
-            images = [r["image"] for r in batch for _ in range(n)]
-            enc = processing_class(text=prompts, images=images, padding=True, return_tensors="pt")
-        else:
-            enc = processing_class(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
-        enc = enc.to(model.device)
-        gen_kwargs = dict(max_new_tokens=cfg.eval.max_new_tokens, pad_token_id=tok.pad_token_id)
-        gen_kwargs |= dict(do_sample=True, temperature=cfg.eval.temperature, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
-        with torch.no_grad():
-            ids = model.generate(**enc, **gen_kwargs)
-        texts = tok.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        out += [texts[i * n : (i + 1) * n] for i in range(len(batch))]
-    return out
-
-
 def evaluate(model, processing_class, rows, cfg) -> dict:
     """All metrics on `rows` (the first eval.max_prompts of the test split)."""
     import torch
+    from hydra.utils import instantiate
 
     rows = rows[: cfg.eval.max_prompts]
     k = cfg.eval.k
     torch.manual_seed(cfg.seed)
-    greedy = [c[0] for c in generate(model, processing_class, rows, cfg, sample=False, n=1)]
-    sampled = generate(model, processing_class, rows, cfg, sample=True, n=k) if k > 0 else [[] for _ in rows]
+    backend = instantiate(cfg.generation)(model=model, processing_class=processing_class, data_cfg=cfg.data)
+    greedy = [c[0] for c in backend.generate(rows, n=1, temperature=0.0)]
+    sampled = backend.generate(rows, n=k, temperature=cfg.eval.temperature) if k > 0 else [[] for _ in rows]
     answers = [r["answer"] for r in rows]
     g_acc = rewards.accuracy_reward(greedy, answer=answers)
     tok = getattr(processing_class, "tokenizer", processing_class)

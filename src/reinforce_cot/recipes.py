@@ -84,7 +84,9 @@ def load_splits(data_cfg) -> dict[str, list[dict]]:
         test = data_lib.disjoint(train, test)
     for split, rows in (("train", train), ("test", test)):
         if not rows:
-            raise ConfigError(f"data={data_cfg.name}: the {split} split is empty; raise data.{split}.n or fix the source")
+            raise ConfigError(
+                f"data={data_cfg.name}: the {split} split is empty; raise data.{split}.n or fix the source"
+            )
     return {"train": train, "test": test}
 
 

@@ -186,7 +186,9 @@ def _tiny_vlm(tok, tiny: dict):
     )
     model = Qwen2_5_VLForConditionalGeneration(config)
     image_processor = tiny_image_processor(tiny["patch_size"], tiny["image_pixels"])
-    processor = ImageOnlyQwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tok, chat_template=CHAT_TEMPLATE)
+    processor = ImageOnlyQwen2_5_VLProcessor(
+        image_processor=image_processor, tokenizer=tok, chat_template=CHAT_TEMPLATE
+    )
     return model, processor
 
 
