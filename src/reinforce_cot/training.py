@@ -66,6 +66,9 @@ def train_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: dict | None
     trainer.save_model(str(final))
     if trainer.is_world_process_zero():
         processing_class.save_pretrained(str(final))
+        # final/ holds safetensors and JSON only: the pickled TrainingArguments become readable JSON
+        (final / "training_args.bin").unlink(missing_ok=True)
+        (final / "training_args.json").write_text(args.to_json_string())
     summary = {
         "stage": sid,
         "algo": cfg.algo.name,
