@@ -23,7 +23,9 @@ def validate(cfg) -> None:
     missing = OmegaConf.missing_keys(cfg)
     if missing:
         keys = sorted(missing)
-        raise ConfigError(f"{', '.join(keys)}: required (???) but not set; add {keys[0]}=<value> ... to the command line")
+        raise ConfigError(
+            f"{', '.join(keys)}: required (???) but not set; add {keys[0]}=<value> ... to the command line"
+        )
     m, d, a = cfg.model, cfg.data, cfg.algo
     if d.modality == "image" and m.kind != "vlm":
         raise ConfigError(
