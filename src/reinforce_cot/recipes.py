@@ -13,7 +13,8 @@ they were written for the algo you chose. `init_from: <stage>` starts from that 
 final/ checkpoint. All stage configs are composed and validated, and the data loaded, before any
 weights load; they are saved to backup/stages/ so that `resume=<run dir>` replays exactly them.
 
-Stage kinds: train (any algo), evaluate (every earlier train stage's final model on the test split).
+Stage kinds: train (any algo), evaluate (every earlier train or merge stage's model on the test split),
+merge (LoRA merge or weight averaging of earlier stages; reinforce_cot.merge).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from reinforce_cot import config as config_lib
 from reinforce_cot import data as data_lib
-from reinforce_cot import preference, rundir
+from reinforce_cot import merge, preference, rundir
 from reinforce_cot.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def compose_stages(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict
                 scfg.model.init_from = str(run_dir / "ckpt" / by_name[stage.init_from])
                 scfg.stage.init_from = stage.init_from
             if stage.kind == "evaluate":
-                scfg.stage.targets = [i for i, s in zip(ids, stages) if s.kind == "train" and i < sid]
+                scfg.stage.targets = [i for i, s in zip(ids, stages) if s.kind in ("train", "merge") and i < sid]
         if stage.get("algo_kind") and scfg.algo.kind != stage.algo_kind:
             raise ConfigError(
                 f"recipe={cfg.recipe.name}: stage '{stage.name}' needs an algo of kind {stage.algo_kind}, "
@@ -108,6 +109,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         if scfg.stage.kind not in stage_kinds():
             raise ConfigError(f"recipe stage {sid}: unknown kind '{scfg.stage.kind}'; use one of {list(stage_kinds())}")
         config_lib.validate(scfg)
+        if scfg.stage.kind == "merge":
+            merge.validate_stage(scfg, [s.split("_", 1)[1] for s in stage_cfgs if s < sid])
         key = OmegaConf.to_yaml(scfg.data)
         if key not in splits:
             splits[key] = load_splits(scfg.data)
@@ -136,6 +139,7 @@ def stage_kinds() -> dict:
     return {
         "train": training.train_stage,
         "evaluate": evaluate_stage,
+        "merge": merge.merge_stage,
     }
 
 
