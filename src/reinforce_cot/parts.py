@@ -18,7 +18,7 @@ checked against a meta-device copy of the model (no weights) at validation: an u
 model family lacks, or a part that matches no parameter is a ConfigError before anything loads.
 
     python train.py recipe=single algo=sft reward=none "model.freeze=[vision]"
-    python train.py recipe=single algo=sft reward=none "+optim.lr_multipliers={vision: 0.1, default: 1.0}"
+    python train.py recipe=single algo=sft reward=none "optim.lr_multipliers={vision: 0.1, default: 1.0}"
     python train.py recipe=two_phase       # phase 1 frozen backbone, phase 2 all parts at per-part LRs
 """
 
@@ -28,11 +28,13 @@ import functools
 import logging
 import re
 
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from reinforce_cot.errors import ConfigError
 
 log = logging.getLogger(__name__)
+# `${rc.mul:${model.lr.sft},0.2}`: a learning rate relative to the model's, for recipes such as two_phase
+OmegaConf.register_new_resolver("rc.mul", lambda a, b: float(a) * float(b), replace=True)
 PEFT_PREFIX = "base_model.model."  # names inside a peft-wrapped model carry this prefix
 
 

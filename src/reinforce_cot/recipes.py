@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from reinforce_cot import config as config_lib
 from reinforce_cot import data as data_lib
-from reinforce_cot import merge, preference, rundir
+from reinforce_cot import merge, parts, preference, rundir  # noqa: F401  (parts registers rc.mul)
 from reinforce_cot.errors import ConfigError
 
 log = logging.getLogger(__name__)
