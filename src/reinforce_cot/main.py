@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from reinforce_cot import recipes
+from reinforce_cot import hardware, recipes
 from reinforce_cot.errors import ConfigError
 
 log = logging.getLogger("reinforce_cot")
@@ -43,8 +43,15 @@ def main(cfg: DictConfig):
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     _route_library_logs()
+    hardware.default_env()
+    hardware.setup_process_logging()  # ranks > 0 log to the console only
     log.info("run dir: %s", run_dir)
     try:
+        if hardware.needs_launch(cfg):  # N processes under torchrun, same run dir (reinforce_cot.hardware)
+            code = hardware.launch(cfg, run_dir, list(hc.overrides.task))
+            if code and hc.mode != RunMode.MULTIRUN:
+                raise SystemExit(code)
+            return {"status": "failed" if code else "ok", "processes": cfg.hardware.num_processes}
         return recipes.run(cfg, run_dir, list(hc.overrides.task))
     except ConfigError as e:
         log.error("error: %s", e)

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from reinforce_cot import config as config_lib
 from reinforce_cot import data as data_lib
-from reinforce_cot import merge, parts, preference, rundir  # noqa: F401  (parts registers rc.mul)
+from reinforce_cot import hardware, merge, parts, preference, rundir  # noqa: F401  (parts registers rc.mul)
 from reinforce_cot.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     if resuming:
         rundir.check_resumable(run_dir)
         stage_cfgs = {p.stem: OmegaConf.load(p) for p in sorted((run_dir / "backup" / "stages").glob("*.yaml"))}
-        rundir.note_resume(run_dir, overrides)
+        if hardware.is_main():
+            rundir.note_resume(run_dir, overrides)
         log.info("resuming %s: stages %s", run_dir, list(stage_cfgs))
     else:
         stage_cfgs = compose_stages(cfg, overrides, run_dir)
@@ -116,7 +117,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
             splits[key] = load_splits(scfg.data)
         if scfg.algo.kind == "preference":  # DPO on data without pairs fails here, before any weights load
             preference.check_pairs(splits[key]["train"], scfg.data.name, scfg.algo.name)
-    if not resuming:
+    hardware.barrier()  # every rank has decided `resuming` before rank 0 writes backup/
+    if not resuming and hardware.is_main():
         rundir.write_provenance(run_dir, cfg, overrides, stage_cfgs)
 
     results: dict[str, dict] = {}
@@ -126,10 +128,17 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
             log.info("[%s] already done (%s), skipping", sid, done)
             results[sid] = OmegaConf.to_container(OmegaConf.load(done))
             continue
-        log.info("[%s] start: %s", sid, scfg.stage.kind)
+        log.info("[%s] start: %s%s", sid, scfg.stage.kind, "" if scfg.stage.kind in ALL_RANKS else " (on rank 0)")
         stage_fn = stage_kinds()[scfg.stage.kind]
-        results[sid] = stage_fn(scfg, run_dir, sid, splits[OmegaConf.to_yaml(scfg.data)], results)
+        if scfg.stage.kind in ALL_RANKS or hardware.is_main():
+            results[sid] = stage_fn(scfg, run_dir, sid, splits[OmegaConf.to_yaml(scfg.data)], results)
+        else:  # evaluate, merge, ...: rank 0 alone; the others wait below
+            results[sid] = {"stage": sid, "ran_on_rank": 0}
+        hardware.barrier()  # later stages read what this one wrote (merged/, result/)
     return results
+
+
+ALL_RANKS = {"train"}  # stage kinds every process runs (multi-process training); the rest run on rank 0 only
 
 
 def stage_kinds() -> dict:

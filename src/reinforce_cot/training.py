@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hydra.utils import instantiate
 
-from reinforce_cot import adapters, models, parts, rewards
+from reinforce_cot import adapters, hardware, models, parts, rewards
 from reinforce_cot import data as data_lib
 from reinforce_cot.rundir import write_json
 
@@ -107,6 +107,8 @@ def train_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: dict | None
         "merged": merged,
         "param_groups": getattr(trainer, "rc_param_groups", None),
         "resumed_from": resume_from,
+        "ranks": hardware.ranks_that_ran(),  # every process that trained (multi-process presets)
+        "distributed_type": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1],  # NO, MULTI_CPU, DEEPSPEED..
         "log_history": trainer.state.log_history,
     }
     if trainer.is_world_process_zero():
