@@ -88,21 +88,27 @@ def _cli(*args):
 
 def test_standalone_merge_command_matches_the_stage_merge(lora_run, tmp_path):
     final = lora_run.dir / "ckpt" / "01_sft" / "final"
-    proc = _cli(f"ckpt={final}", f"out={tmp_path / 'm'}")
+    proc = _cli(f"ckpt={final}", f"out={tmp_path / 'm'}")  # the real `python -m` entry, once
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == str(tmp_path / "m")
     a, b = load_file(tmp_path / "m" / "model.safetensors"), load_file(final.parent / "merged" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    bad = _cli(f"ckpt={tmp_path}")
-    assert bad.returncode == 2 and f"error: ckpt={tmp_path}: no adapter_config.json there" in bad.stderr
+
+
+def test_merge_command_errors(tmp_path, capsys):
+    assert merge.main([f"ckpt={tmp_path}"]) == 2
+    assert f"error: ckpt={tmp_path}: no adapter_config.json there" in capsys.readouterr().err
+    assert merge.main(["mode=average", f"ckpts=[{tmp_path},{tmp_path}]"]) == 2
+    assert "error: out is required for mode=average" in capsys.readouterr().err
+    assert merge.main(["ckpt=x", "weight=[1]"]) == 2
+    assert "error: weight: unknown key" in capsys.readouterr().err
 
 
 def test_weight_averaging_with_weights(lora_run, tmp_path):
     start = tiny.build(_compose().model)  # the same architecture before training
     merged = lora_run.dir / "ckpt" / "01_sft" / "merged"
     out = tmp_path / "avg"
-    proc = _cli("mode=average", f"ckpts=[{start},{merged}]", "weights=[1,3]", f"out={out}")
-    assert proc.returncode == 0, proc.stderr
+    assert merge.main(["mode=average", f"ckpts=[{start},{merged}]", "weights=[1,3]", f"out={out}"]) == 0
     a, b, avg = (load_file(p / "model.safetensors") for p in (start, merged, out))
     for k in avg:
         torch.testing.assert_close(avg[k], 0.25 * a[k] + 0.75 * b[k], atol=1e-6, rtol=0)  # weights normalised
