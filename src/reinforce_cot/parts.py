@@ -158,6 +158,9 @@ def param_groups(model, cfg, base_lr: float, weight_decay: float, decay_names) -
             continue
         part = next((part for part, rx in pats.items() if rx.match(_plain(name))), "default")
         groups.setdefault((part, name in decay_names), []).append(p)
+    idle = sorted(set(pats) - {part for part, _ in groups})
+    if idle:
+        log.warning("optim.lr_multipliers: no trainable parameter in %s (frozen, or not adapted by peft)", idle)
     return [
         {
             "params": params,

@@ -1,4 +1,5 @@
-"""One training stage: seed -> data -> model -> rewards -> TRL trainer -> train (auto-resume) -> save.
+"""One training stage: seed -> data -> model (+ freezing) -> rewards -> TRL trainer (+ peft, per-part LRs)
+-> train (auto-resume) -> save (+ LoRA merge).
 
 The algo config names the TRL trainer and mirrors its config dataclass (`algo.trainer`, `algo.args`),
 so this module only wires objects together; what each algorithm does is TRL's. A stage whose
