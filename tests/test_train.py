@@ -95,3 +95,12 @@ def test_multirun_gives_each_job_its_own_run_dir(tmp_path):
         assert (d / "ckpt/01_sft/final/model.safetensors").is_file() and (d / "output.log").is_file()
         assert f"seed: {seed}" in (d / "backup/config.yaml").read_text()
         assert (d / "result/summary.json").is_file()
+
+
+def test_runs_started_in_the_same_second_get_their_own_dirs(tmp_path):
+    from reinforce_cot.rundir import resolve_run_dir
+
+    fresh = str(tmp_path / "outputs" / "20260101_120000_quickstart")
+    first, second = resolve_run_dir(None, fresh), resolve_run_dir(None, fresh)
+    assert (first, second) == (fresh, fresh + "_2")
+    assert resolve_run_dir(first, "ignored") == first  # resume reuses the folder
