@@ -13,7 +13,8 @@ they were written for the algo you chose. `init_from: <stage>` starts from that 
 final/ checkpoint. All stage configs are composed and validated, and the data loaded, before any
 weights load; they are saved to backup/stages/ so that `resume=<run dir>` replays exactly them.
 
-Stage kinds: train (any algo), evaluate (every earlier train stage's final model on the test split).
+Stage kinds: train (any algo), evaluate (every earlier train or merge stage's model on the test split),
+merge (LoRA merge or weight averaging of earlier stages; reinforce_cot.merge).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from reinforce_cot import config as config_lib
 from reinforce_cot import data as data_lib
-from reinforce_cot import rundir
+from reinforce_cot import hardware, merge, parts, preference, rundir  # noqa: F401  (parts registers rc.mul)
 from reinforce_cot.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def compose_stages(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict
                 scfg.model.init_from = str(run_dir / "ckpt" / by_name[stage.init_from])
                 scfg.stage.init_from = stage.init_from
             if stage.kind == "evaluate":
-                scfg.stage.targets = [i for i, s in zip(ids, stages) if s.kind == "train" and i < sid]
+                scfg.stage.targets = [i for i, s in zip(ids, stages) if s.kind in ("train", "merge") and i < sid]
         if stage.get("algo_kind") and scfg.algo.kind != stage.algo_kind:
             raise ConfigError(
                 f"recipe={cfg.recipe.name}: stage '{stage.name}' needs an algo of kind {stage.algo_kind}, "
@@ -99,7 +100,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     if resuming:
         rundir.check_resumable(run_dir)
         stage_cfgs = {p.stem: OmegaConf.load(p) for p in sorted((run_dir / "backup" / "stages").glob("*.yaml"))}
-        rundir.note_resume(run_dir, overrides)
+        if hardware.is_main():
+            rundir.note_resume(run_dir, overrides)
         log.info("resuming %s: stages %s", run_dir, list(stage_cfgs))
     else:
         stage_cfgs = compose_stages(cfg, overrides, run_dir)
@@ -108,10 +110,15 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         if scfg.stage.kind not in stage_kinds():
             raise ConfigError(f"recipe stage {sid}: unknown kind '{scfg.stage.kind}'; use one of {list(stage_kinds())}")
         config_lib.validate(scfg)
+        if scfg.stage.kind == "merge":
+            merge.validate_stage(scfg, [s.split("_", 1)[1] for s in stage_cfgs if s < sid])
         key = OmegaConf.to_yaml(scfg.data)
         if key not in splits:
             splits[key] = load_splits(scfg.data)
-    if not resuming:
+        if scfg.algo.kind == "preference":  # DPO on data without pairs fails here, before any weights load
+            preference.check_pairs(splits[key]["train"], scfg.data.name, scfg.algo.name)
+    hardware.barrier()  # every rank has decided `resuming` before rank 0 writes backup/
+    if not resuming and hardware.is_main():
         rundir.write_provenance(run_dir, cfg, overrides, stage_cfgs)
 
     results: dict[str, dict] = {}
@@ -121,10 +128,17 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
             log.info("[%s] already done (%s), skipping", sid, done)
             results[sid] = OmegaConf.to_container(OmegaConf.load(done))
             continue
-        log.info("[%s] start: %s", sid, scfg.stage.kind)
+        log.info("[%s] start: %s%s", sid, scfg.stage.kind, "" if scfg.stage.kind in ALL_RANKS else " (on rank 0)")
         stage_fn = stage_kinds()[scfg.stage.kind]
-        results[sid] = stage_fn(scfg, run_dir, sid, splits[OmegaConf.to_yaml(scfg.data)], results)
+        if scfg.stage.kind in ALL_RANKS or hardware.is_main():
+            results[sid] = stage_fn(scfg, run_dir, sid, splits[OmegaConf.to_yaml(scfg.data)], results)
+        else:  # evaluate, merge, ...: rank 0 alone; the others wait below
+            results[sid] = {"stage": sid, "ran_on_rank": 0}
+        hardware.barrier()  # later stages read what this one wrote (merged/, result/)
     return results
+
+
+ALL_RANKS = {"train"}  # stage kinds every process runs (multi-process training); the rest run on rank 0 only
 
 
 def stage_kinds() -> dict:
@@ -134,6 +148,7 @@ def stage_kinds() -> dict:
     return {
         "train": training.train_stage,
         "evaluate": evaluate_stage,
+        "merge": merge.merge_stage,
     }
 
 
