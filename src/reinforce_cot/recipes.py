@@ -62,6 +62,8 @@ def compose_stages(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict
                     )
                 scfg.model.init_from = str(run_dir / "ckpt" / by_name[stage.init_from])
                 scfg.stage.init_from = stage.init_from
+            if stage.get("data_from"):
+                data_from_stage(scfg, stage, ids[: ids.index(sid)], by_name, out, run_dir)
             if stage.kind == "evaluate":
                 scfg.stage.targets = [i for i, s in zip(ids, stages) if s.kind == "train" and i < sid]
         if stage.get("algo_kind") and scfg.algo.kind != stage.algo_kind:
@@ -108,9 +110,12 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         if scfg.stage.kind not in stage_kinds():
             raise ConfigError(f"recipe stage {sid}: unknown kind '{scfg.stage.kind}'; use one of {list(stage_kinds())}")
         config_lib.validate(scfg)
+        if scfg.stage.get("data_from"):
+            continue  # written by an earlier stage of this run: loaded when this stage starts
         key = OmegaConf.to_yaml(scfg.data)
         if key not in splits:
             splits[key] = load_splits(scfg.data)
+        check_data(scfg, splits[key])
     if not resuming:
         rundir.write_provenance(run_dir, cfg, overrides, stage_cfgs)
 
@@ -122,9 +127,44 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
             results[sid] = OmegaConf.to_container(OmegaConf.load(done))
             continue
         log.info("[%s] start: %s", sid, scfg.stage.kind)
+        if OmegaConf.to_yaml(scfg.data) not in splits:  # data_from: an earlier stage has written it now
+            splits[OmegaConf.to_yaml(scfg.data)] = load_splits(scfg.data)
+            check_data(scfg, splits[OmegaConf.to_yaml(scfg.data)])
         stage_fn = stage_kinds()[scfg.stage.kind]
         results[sid] = stage_fn(scfg, run_dir, sid, splits[OmegaConf.to_yaml(scfg.data)], results)
     return results
+
+
+def check_data(cfg, splits: dict) -> None:
+    """Data-dependent checks of a stage, before any weights load: reward columns, sampler columns."""
+    from reinforce_cot import rewards, sampling
+
+    rewards.check(cfg, splits["train"])
+    sampling.check(cfg, splits["train"])
+
+
+def data_from_stage(scfg, stage, earlier: list[str], by_name: dict, composed: dict, run_dir: Path) -> None:
+    """`data_from: <stage>`: this stage trains on the dataset that earlier stage writes to
+    run_dir/data/<its id>/{train,test}.jsonl (+ images/), read with data=jsonl (extra columns kept). The
+    prompt template, modality and completion length stay those of the source stage's data."""
+    from hydra import compose
+
+    if stage.data_from not in by_name or by_name[stage.data_from] not in earlier:
+        raise ConfigError(
+            f"recipe.stages[{stage.name}].data_from={stage.data_from}: not an earlier stage; use one of "
+            f"{[n for n, i in by_name.items() if i in earlier]}"
+        )
+    source = composed[by_name[stage.data_from]]
+    folder = run_dir / "data" / by_name[stage.data_from]
+    data = compose(config_name="train", overrides=["data=jsonl"]).data
+    with open_dict(data):
+        data.name = f"{source.data.name}_{stage.data_from}"
+        data.train.path, data.test.path = str(folder / "train.jsonl"), str(folder / "test.jsonl")
+        data.image_folder = str(folder / "images")
+        for key in ("modality", "prompt_template", "system_prompt", "max_completion_length"):
+            data[key] = source.data.get(key)
+    scfg.data = data
+    scfg.stage.data_from = stage.data_from
 
 
 def stage_kinds() -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 
 from reinforce_cot import data as data_lib
-from reinforce_cot import models, rewards
+from reinforce_cot import models, rewards, sampling
 from reinforce_cot.rundir import write_json
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,11 @@ def train_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: dict | None
         args.reward_weights = weights
         kwargs["reward_funcs"] = funcs
         log.info("[%s] rewards: %s", sid, dict(zip([f.__name__ for f in funcs], weights)))
-    trainer = instantiate(cfg.algo.trainer)(**kwargs)
+    make_trainer = instantiate(cfg.algo.trainer)
+    if cfg.algo.kind == "rl" and (cfg.get("sampler") or {}).get("_target_"):  # not TRL's own order
+        make_trainer = sampling.with_sampler(make_trainer, cfg.sampler)
+        log.info("[%s] sampler: %s", sid, cfg.sampler.name)
+    trainer = make_trainer(**kwargs)
 
     resume_from = last_checkpoint(ckpt_dir)
     if resume_from:
