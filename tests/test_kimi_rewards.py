@@ -74,14 +74,16 @@ def test_math_verify_timeout_holds_in_main_and_worker_threads():
 
 def test_all_zero_batch_with_good_format_is_a_warning(caplog):
     wrong = ["<think>a</think><answer>9</answer>"] * 4
+    state = SimpleNamespace(global_step=3)  # TRL passes its state: a training batch
     with caplog.at_level(logging.WARNING, logger="reinforce_cot.rewards"):
-        assert rewards.accuracy_reward(wrong, answer=["3"] * 4) == [0.0] * 4
-    assert "every reward in this batch is 0 although 4/4 completions are well formatted" in caplog.text
+        assert rewards.accuracy_reward(wrong, answer=["3"] * 4, trainer_state=state) == [0.0] * 4
+    assert "every reward in the batch of step 3 is 0 although 4/4 completions are well formatted" in caplog.text
     assert "'3'" in caplog.text and "'9'" in caplog.text  # the example names gold and extracted answer
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="reinforce_cot.rewards"):
-        rewards.accuracy_reward(["9", "nonsense"], answer=["3", "3"])  # badly formatted: a weak model, not a bug
-        rewards.accuracy_reward(wrong[:3] + ["<answer>3</answer>"], answer=["3"] * 4)  # one is right
+        rewards.accuracy_reward(["9", "nonsense"], answer=["3", "3"], trainer_state=state)  # a weak model, not a bug
+        rewards.accuracy_reward(wrong[:3] + ["<answer>3</answer>"], answer=["3"] * 4, trainer_state=state)
+        rewards.accuracy_reward(wrong, answer=["3"] * 4)  # evaluation: one prompt's samples, all wrong is common
     assert caplog.text == ""
 
 
@@ -118,6 +120,10 @@ def test_length_warmup_is_zero_until_the_configured_step():
     comps = ["<answer>1</answer>"] * 2
     assert rewards.kimi_length_reward(comps, trainer_state=SimpleNamespace(global_step=4), **kw) == [0.0, 0.0]
     assert rewards.kimi_length_reward(comps, trainer_state=SimpleNamespace(global_step=5), **kw) == [0.5, -0.5]
+    kw["warmup_steps"] = 0.5  # a fraction of the run: on from step 10 of 20
+    before, after = SimpleNamespace(global_step=9, max_steps=20), SimpleNamespace(global_step=10, max_steps=20)
+    assert rewards.kimi_length_reward(comps, trainer_state=before, **kw) == [0.0, 0.0]
+    assert rewards.kimi_length_reward(comps, trainer_state=after, **kw) == [0.5, -0.5]
 
 
 # ------------------------------------------------------------------ two processes (gloo, CPU)

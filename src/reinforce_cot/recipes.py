@@ -143,37 +143,46 @@ def check_data(cfg, splits: dict) -> None:
     sampling.check(cfg, splits["train"])
 
 
+DATA_FROM_KEYS = ("modality", "prompt_template", "system_prompt", "max_completion_length", "reasoning")
+
+
 def data_from_stage(scfg, stage, earlier: list[str], by_name: dict, composed: dict, run_dir: Path) -> None:
-    """`data_from: <stage>`: this stage trains on the dataset that earlier stage writes to
-    run_dir/data/<its id>/{train,test}.jsonl (+ images/), read with data=jsonl (extra columns kept). The
-    prompt template, modality and completion length stay those of the source stage's data."""
+    """`data_from: <stage>[/<dataset>]`: this stage trains on run_dir/data/<that stage's id>/<dataset>.jsonl
+    (+ its test.jsonl and images/), read with data=jsonl, every column kept. <dataset> defaults to `train`
+    for a curate stage, else `dpo` for preference algos and `sft` otherwise (a rejection_sample stage's
+    files). The prompt template, modality and completion length stay those of the source stage's data."""
     from hydra import compose
 
-    if stage.data_from not in by_name or by_name[stage.data_from] not in earlier:
+    name, _, which = str(stage.data_from).partition("/")
+    if name not in by_name or by_name[name] not in earlier:
         raise ConfigError(
             f"recipe.stages[{stage.name}].data_from={stage.data_from}: not an earlier stage; use one of "
             f"{[n for n, i in by_name.items() if i in earlier]}"
         )
-    source = composed[by_name[stage.data_from]]
-    folder = run_dir / "data" / by_name[stage.data_from]
+    source = composed[by_name[name]]
+    if not which:
+        which = "train" if source.stage.kind == "curate" else ("dpo" if scfg.algo.kind == "preference" else "sft")
+    folder = run_dir / "data" / by_name[name]
     data = compose(config_name="train", overrides=["data=jsonl"]).data
     with open_dict(data):
-        data.name = f"{source.data.name}_{stage.data_from}"
-        data.train.path, data.test.path = str(folder / "train.jsonl"), str(folder / "test.jsonl")
-        data.image_folder = str(folder / "images")
-        for key in ("modality", "prompt_template", "system_prompt", "max_completion_length"):
-            data[key] = source.data.get(key)
+        for key in DATA_FROM_KEYS:  # the prompts the source stage used
+            if key in source.data:
+                data[key] = source.data[key]
+        data.name = f"{source.data.name}_{name}"
+        data.train.path, data.test.path = str(folder / f"{which}.jsonl"), str(folder / "test.jsonl")
+        data.image_folder = str(folder / "images") if data.modality == "image" else None
     scfg.data = data
-    scfg.stage.data_from = stage.data_from
+    scfg.stage.data_from = f"{by_name[name]}/{which}"
 
 
 def stage_kinds() -> dict:
     """What each recipe stage `kind` runs: fn(cfg, run_dir, stage_id, splits, earlier_results) -> dict."""
-    from reinforce_cot import training
+    from reinforce_cot import curation, training
 
     return {
         "train": training.train_stage,
         "evaluate": evaluate_stage,
+        "curate": curation.curate_stage,
     }
 
 

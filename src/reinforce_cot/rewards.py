@@ -174,11 +174,12 @@ def math_equal(gold: str, pred: str, timeout: int = VERIFY_TIMEOUT_S) -> bool:
 
 
 # ----------------------------------------------------------------------------------- rewards
-def accuracy_reward(completions: list, answer: list[str], **_: Any) -> list[float | None]:
+def accuracy_reward(completions: list, answer: list[str], trainer_state=None, **_: Any) -> list[float | None]:
     """1.0 when the extracted answer matches the `answer` column, else 0.0; None without a gold answer.
 
-    A batch where every reward is 0 although most completions are well formatted is logged as a
-    warning: that is what a broken extraction or a mislabelled answer column looks like.
+    A training batch (one with a `trainer_state`) where every reward is 0 although most completions are
+    well formatted is logged as a warning: that is what a broken extraction or a mislabelled answer
+    column looks like. (Evaluation scores one prompt's samples at a time, where all-wrong is common.)
     """
     texts = [completion_text(c) for c in completions]
     out: list[float | None] = []
@@ -188,13 +189,14 @@ def accuracy_reward(completions: list, answer: list[str], **_: Any) -> list[floa
         else:
             out.append(float(answers_match(extract_answer(text), gold)))
     scored = [x for x in out if x is not None]
-    if scored and not any(scored):
+    if trainer_state is not None and scored and not any(scored):
         formatted = sum(format_reward(texts))
         if formatted >= max(1, len(texts) / 2):
             i = next(i for i, x in enumerate(out) if x is not None)
             log.warning(
-                "accuracy: every reward in this batch is 0 although %d/%d completions are well formatted; "
-                "check the answer column and the extraction, e.g. gold %r vs extracted %r",
+                "accuracy: every reward in the batch of step %s is 0 although %d/%d completions are well "
+                "formatted; check the answer column and the extraction, e.g. gold %r vs extracted %r",
+                getattr(trainer_state, "global_step", "?"),
                 formatted,
                 len(texts),
                 answer[i],
@@ -261,6 +263,16 @@ def length_values(lengths: list[int], correct: list[bool]) -> list[float]:
     return [v if ok else min(0.0, v) for v, ok in zip(lam, correct)]
 
 
+def warmup_start(warmup_steps: float, max_steps: int) -> float:
+    """The step the length reward starts at: `warmup_steps` itself, or for a float in (0, 1) that fraction
+    of the run's max_steps (so one recipe fits any run length).
+
+    >>> warmup_start(100, 300), warmup_start(0.5, 300), warmup_start(0, 300)
+    (100, 150.0, 0)
+    """
+    return warmup_steps * max_steps if isinstance(warmup_steps, float) and 0 < warmup_steps < 1 else warmup_steps
+
+
 def kimi_length_reward(
     completions: list,
     answer: list[str],
@@ -268,7 +280,7 @@ def kimi_length_reward(
     prompts: list | None = None,
     id: list | None = None,  # noqa: A002 - the dataset column's name
     trainer_state=None,
-    warmup_steps: int = 0,
+    warmup_steps: float = 0,
     group_size: int | None = None,
     **_: Any,
 ) -> list[float | None]:
@@ -278,11 +290,12 @@ def kimi_length_reward(
     `group_size` (= num_generations) consecutive completions of TRL's global generation batch; with
     several processes the lengths are all-gathered first, since TRL gives each process a contiguous
     slice and a group may straddle two. Returns 0 for every completion until global step
-    `warmup_steps` (Kimi switched it on after a phase of plain RL, which it found slows early training).
+    `warmup_steps` (a step, or a fraction of max_steps; Kimi switched it on after a phase of plain RL,
+    having found that it slows training early on).
     """
     n = len(completions)
     step = getattr(trainer_state, "global_step", None)
-    if step is not None and step < warmup_steps:
+    if step is not None and step < warmup_start(warmup_steps, getattr(trainer_state, "max_steps", 0)):
         return [0.0] * n
     texts = [completion_text(c) for c in completions]
     lengths = [len(ids) for ids in completion_ids] if completion_ids is not None else [len(t) for t in texts]
