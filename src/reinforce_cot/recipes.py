@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from reinforce_cot import config as config_lib
 from reinforce_cot import data as data_lib
-from reinforce_cot import rundir
+from reinforce_cot import preference, rundir
 from reinforce_cot.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         key = OmegaConf.to_yaml(scfg.data)
         if key not in splits:
             splits[key] = load_splits(scfg.data)
+        if scfg.algo.kind == "preference":  # DPO on data without pairs fails here, before any weights load
+            preference.check_pairs(splits[key]["train"], scfg.data.name, scfg.algo.name)
     if not resuming:
         rundir.write_provenance(run_dir, cfg, overrides, stage_cfgs)
 
