@@ -39,6 +39,10 @@ def validate(cfg) -> None:
     from reinforce_cot import generation
 
     generation.validate(cfg)  # the backend's packages (vllm) and server settings
+    if (cfg.get("stage") or {}).get("kind") == "rejection_sample":
+        from reinforce_cot import rejection
+
+        rejection.validate(cfg)
     if cfg.eval.k < 0:
         raise ConfigError(f"eval.k={cfg.eval.k} must be >= 0 (samples per prompt; 0 skips sampled metrics)")
     if a.kind == "rl":

@@ -277,7 +277,7 @@ def table_row(label: str, m: dict) -> dict:
         "pass@k": m.get(f"pass@{k}") if k else None,
         "maj@k": m.get(f"maj@{k}") if k else None,
         "answer_only": m.get("accuracy_answer_only"),
-        "format": m["format_rate"],
+        "format_rate": m["format_rate"],
         "mean_len": m["mean_completion_tokens"],
         "steps": r.get("mean_steps"),
         "complete": r.get("step_completeness"),

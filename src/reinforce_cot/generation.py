@@ -146,7 +146,8 @@ class Backend:
 
     def fingerprint(self, n: int, temperature: float, template: str | None) -> str:
         """What makes two requests for the same row interchangeable: a file is reused only for these."""
-        spec = [n, temperature, self.template(template), self.max_new_tokens]
+        source = getattr(getattr(self.model, "config", None), "name_or_path", None) or str(self.model)
+        spec = [n, temperature, self.template(template), self.max_new_tokens, source]
         return hashlib.sha1(json.dumps(spec).encode()).hexdigest()[:10]
 
     def _todo(self, rows, path, n, temperature, template, retry_failed):
@@ -340,6 +341,7 @@ class OpenAIBackend(Backend):
         cache_dir: str | None = None,
     ):
         super().__init__(model, processing_class, data_cfg, max_new_tokens)
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
         self.base_url = base_url.rstrip("/")
         self.served_model = served_model or (str(model) if model is not None else None)
         self.api_key = os.environ.get(api_key_env) if api_key_env else None

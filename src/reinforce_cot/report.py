@@ -47,7 +47,7 @@ def plots(metrics: dict, records: list[dict], folder: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     diffs = list(metrics["accuracy_by_difficulty"])
     accs = [metrics["accuracy_by_difficulty"][d] for d in diffs]
-    bars = ax.bar(diffs, accs, color=GREEN)
+    bars = ax.bar(range(len(diffs)), accs, color=GREEN, tick_label=diffs)
     for b, d in zip(bars, diffs):
         ax.annotate(f"n={metrics['count_by_difficulty'][d]}", (b.get_x() + b.get_width() / 2, b.get_height()),
                     ha="center", va="bottom", fontsize=8)  # fmt: skip
@@ -77,7 +77,7 @@ def plots(metrics: dict, records: list[dict], folder: Path) -> list[str]:
         names += [f"pass@{k}", f"maj@{k}"]
         vals += [metrics[f"pass@{k}"], metrics[f"maj@{k}"]]
         colours += ["#5d9cec", "#8e6cc4"]
-    bars = ax.bar(names, vals, color=colours)
+    bars = ax.bar(range(len(names)), vals, color=colours, tick_label=names)
     for b, v in zip(bars, vals):
         ax.annotate(f"{v:.2f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
     ax.set(ylabel="accuracy", ylim=(0, 1.1), title="With vs without reasoning")
@@ -96,7 +96,7 @@ def plots(metrics: dict, records: list[dict], folder: Path) -> list[str]:
     return out
 
 
-def compare(rows: list[dict], path: Path, keys=("greedy_acc", "pass@k", "maj@k", "answer_only", "format")) -> str:
+def compare(rows: list[dict], path: Path, keys=("greedy_acc", "pass@k", "maj@k", "answer_only", "format_rate")) -> str:
     """Grouped bars: one group per metric, one bar per checkpoint (rows from evaluation.table_row)."""
     import numpy as np
 
