@@ -122,7 +122,8 @@ def score(
         lengths = [len(t.split()) for t in greedy]
     rcfg = data_cfg.get("reasoning") or {}
     split = rcfg.get("step_split") or reasoning.DEFAULT_SPLIT
-    types = OmegaConf.to_container(rcfg.get("step_types") or [], resolve=True) if rcfg else []
+    types = rcfg.get("step_types") or []
+    types = OmegaConf.to_container(types, resolve=True) if OmegaConf.is_config(types) else list(types)
     chains = [reasoning.steps(reasoning.chain(t), split) for t in greedy]
     refs = [reasoning.steps(r.get("reasoning") or "", split) for r in rows]
     records = []
