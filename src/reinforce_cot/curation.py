@@ -105,21 +105,28 @@ def write_rows(rows: list[dict], path: Path, images: Path, split: str) -> None:
 def curate_stage(cfg, run_dir: Path, sid: str, splits: dict, results: dict | None = None) -> dict:
     """Measure, filter and write the curated dataset; returns (and writes) the report."""
     import torch
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
-    from reinforce_cot import models
+    from reinforce_cot import generation, models
 
     t0 = time.time()
     cc = cfg.curate
     torch.manual_seed(cfg.seed)
     path = models.resolve_path(cfg.model)
-    processing_class = models.load_processing_class(path, cfg.model)
-    model = models.load_model(path, cfg.model)
-    backend = instantiate(cfg.generation)(model=model, processing_class=processing_class, data_cfg=cfg.data)
-
     out_dir = run_dir / "data" / sid
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    with generation.load(cfg, path, cache_dir=out_dir) as backend:
+        report = _curate(cfg, cc, backend, splits, out_dir, sid, path)
+    report["wall_seconds"] = round(time.time() - t0, 1)
+    report["data_dir"] = str(out_dir)
+    write_json(out_dir / "report.json", report)
+    (out_dir / "report.md").write_text(report_markdown(report))
+    write_json(run_dir / "result" / f"{sid}.json", report)
+    return report
+
+
+def _curate(cfg, cc, backend, splits: dict, out_dir: Path, sid: str, path: str) -> dict:
+    from omegaconf import OmegaConf
+
     lo, hi = cc.keep_pass_rate
     report: dict = {"stage": sid, "model": path, "settings": OmegaConf.to_container(cc), "splits": {}}
     for split in ("train", "test"):
@@ -183,11 +190,6 @@ def curate_stage(cfg, run_dir: Path, sid: str, splits: dict, results: dict | Non
             report["splits"][split]["per_bucket"],
             dict(dropped) or "none",
         )
-    report["wall_seconds"] = round(time.time() - t0, 1)
-    report["data_dir"] = str(out_dir)
-    write_json(out_dir / "report.json", report)
-    (out_dir / "report.md").write_text(report_markdown(report))
-    write_json(run_dir / "result" / f"{sid}.json", report)
     return report
 
 

@@ -13,7 +13,19 @@ they were written for the algo you chose. `init_from: <stage>` starts from that 
 final/ checkpoint. All stage configs are composed and validated, and the data loaded, before any
 weights load; they are saved to backup/stages/ so that `resume=<run dir>` replays exactly them.
 
-Stage kinds: train (any algo), evaluate (every earlier train stage's final model on the test split).
+Stage kinds: train (any algo), curate (pass rates, difficulty buckets and the easy-to-hack filter:
+reinforce_cot.curation), rejection_sample (k chains per prompt from the stage's model, verified,
+written as SFT/DPO datasets: reinforce_cot.rejection), evaluate (every earlier train stage's final model
+on the test split: metrics JSON, plots, samples.html, a comparison table and plot).
+
+A stage trains on data an earlier stage made with `data_from: <stage name>[/<dataset>]`: it is composed
+with data=jsonl on run_dir/data/<that stage id>/<dataset>.jsonl (default: train after a curate stage;
+else dpo for preference algos, sft otherwise) and that folder's test.jsonl and images/, keeping the source stage's prompt template,
+modality and reasoning settings. Such data is loaded when the stage starts, since it does not exist
+before the run:
+
+      - {name: rs, kind: rejection_sample, init_from: sft}
+      - {name: dpo, kind: train, init_from: sft, data_from: rs, overrides: [algo=dpo]}
 """
 
 from __future__ import annotations
@@ -27,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from reinforce_cot import config as config_lib
 from reinforce_cot import data as data_lib
-from reinforce_cot import rundir
+from reinforce_cot import preference, rundir
 from reinforce_cot.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -51,6 +63,10 @@ def compose_stages(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict
         own = list(stage.get("overrides") or [])
         chosen = {g for g in map(_group_of, own) if g}
         keep = [o for o in user if o.lstrip("+~").split("=", 1)[0].split(".")[0] not in chosen]
+        if stage.get("data_from"):  # data an earlier stage writes: data=jsonl, paths filled in below
+            own = [*own, "data=jsonl"]
+            chosen.add("data")
+            keep = [o for o in user if o.lstrip("+~").split("=", 1)[0].split(".")[0] not in chosen]
         scfg = compose(config_name="train", overrides=keep + own) if own else cfg.copy()
         with open_dict(scfg):
             scfg.stage = {"id": sid, "name": stage.name, "kind": stage.kind}
@@ -63,7 +79,7 @@ def compose_stages(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict
                 scfg.model.init_from = str(run_dir / "ckpt" / by_name[stage.init_from])
                 scfg.stage.init_from = stage.init_from
             if stage.get("data_from"):
-                data_from_stage(scfg, stage, ids[: ids.index(sid)], by_name, out, run_dir)
+                _use_data_from(scfg, stage, by_name, ids, sid, run_dir, out)
             if stage.kind == "evaluate":
                 scfg.stage.targets = [i for i, s in zip(ids, stages) if s.kind == "train" and i < sid]
         if stage.get("algo_kind") and scfg.algo.kind != stage.algo_kind:
@@ -110,11 +126,13 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         if scfg.stage.kind not in stage_kinds():
             raise ConfigError(f"recipe stage {sid}: unknown kind '{scfg.stage.kind}'; use one of {list(stage_kinds())}")
         config_lib.validate(scfg)
-        if scfg.stage.get("data_from"):
-            continue  # written by an earlier stage of this run: loaded when this stage starts
+        if scfg.stage.get("data_from"):  # made by an earlier stage of this run: loaded when the stage starts
+            continue
         key = OmegaConf.to_yaml(scfg.data)
         if key not in splits:
             splits[key] = load_splits(scfg.data)
+        if scfg.algo.kind == "preference":  # DPO on data without pairs fails here, before any weights load
+            preference.check_pairs(splits[key]["train"], scfg.data.name, scfg.algo.name)
         check_data(scfg, splits[key])
     if not resuming:
         rundir.write_provenance(run_dir, cfg, overrides, stage_cfgs)
@@ -127,9 +145,12 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
             results[sid] = OmegaConf.to_container(OmegaConf.load(done))
             continue
         log.info("[%s] start: %s", sid, scfg.stage.kind)
-        if OmegaConf.to_yaml(scfg.data) not in splits:  # data_from: an earlier stage has written it now
-            splits[OmegaConf.to_yaml(scfg.data)] = load_splits(scfg.data)
-            check_data(scfg, splits[OmegaConf.to_yaml(scfg.data)])
+        key = OmegaConf.to_yaml(scfg.data)
+        if key not in splits:  # data_from: written by an earlier stage
+            splits[key] = load_splits(scfg.data)
+            if scfg.algo.kind == "preference":
+                preference.check_pairs(splits[key]["train"], scfg.data.name, scfg.algo.name)
+            check_data(scfg, splits[key])
         stage_fn = stage_kinds()[scfg.stage.kind]
         results[sid] = stage_fn(scfg, run_dir, sid, splits[OmegaConf.to_yaml(scfg.data)], results)
     return results
@@ -143,79 +164,68 @@ def check_data(cfg, splits: dict) -> None:
     sampling.check(cfg, splits["train"])
 
 
-DATA_FROM_KEYS = ("modality", "prompt_template", "system_prompt", "max_completion_length", "reasoning")
-
-
-def data_from_stage(scfg, stage, earlier: list[str], by_name: dict, composed: dict, run_dir: Path) -> None:
-    """`data_from: <stage>[/<dataset>]`: this stage trains on run_dir/data/<that stage's id>/<dataset>.jsonl
-    (+ its test.jsonl and images/), read with data=jsonl, every column kept. <dataset> defaults to `train`
-    for a curate stage, else `dpo` for preference algos and `sft` otherwise (a rejection_sample stage's
-    files). The prompt template, modality and completion length stay those of the source stage's data."""
-    from hydra import compose
-
-    name, _, which = str(stage.data_from).partition("/")
-    if name not in by_name or by_name[name] not in earlier:
-        raise ConfigError(
-            f"recipe.stages[{stage.name}].data_from={stage.data_from}: not an earlier stage; use one of "
-            f"{[n for n, i in by_name.items() if i in earlier]}"
-        )
-    source = composed[by_name[name]]
-    if not which:
-        which = "train" if source.stage.kind == "curate" else ("dpo" if scfg.algo.kind == "preference" else "sft")
-    folder = run_dir / "data" / by_name[name]
-    data = compose(config_name="train", overrides=["data=jsonl"]).data
-    with open_dict(data):
-        for key in DATA_FROM_KEYS:  # the prompts the source stage used
-            if key in source.data:
-                data[key] = source.data[key]
-        data.name = f"{source.data.name}_{name}"
-        data.train.path, data.test.path = str(folder / f"{which}.jsonl"), str(folder / "test.jsonl")
-        data.image_folder = str(folder / "images") if data.modality == "image" else None
-    scfg.data = data
-    scfg.stage.data_from = f"{by_name[name]}/{which}"
-
-
 def stage_kinds() -> dict:
     """What each recipe stage `kind` runs: fn(cfg, run_dir, stage_id, splits, earlier_results) -> dict."""
-    from reinforce_cot import curation, training
+    from reinforce_cot import curation, rejection, training
 
     return {
         "train": training.train_stage,
+        "rejection_sample": rejection.rejection_sample_stage,
         "evaluate": evaluate_stage,
         "curate": curation.curate_stage,
     }
 
 
-def evaluate_stage(cfg, run_dir: Path, sid: str, splits: dict, results: dict) -> dict:
-    """Evaluate each earlier train stage's final model; write result/summary.{json,md} and print it."""
-    from reinforce_cot import evaluation, models
+DATA_FROM_KEYS = ("modality", "prompt_template", "system_prompt", "max_completion_length", "reasoning")
 
+
+def _use_data_from(scfg, stage, by_name: dict, ids: list, sid: str, run_dir: Path, composed: dict) -> None:
+    """Point a stage's data=jsonl at run_dir/data/<source stage>/ (see the module docstring)."""
+    name, _, which = str(stage.data_from).partition("/")
+    if name not in by_name or ids.index(by_name[name]) >= ids.index(sid):
+        raise ConfigError(
+            f"recipe.stages[{stage.name}].data_from={stage.data_from}: not an earlier stage; "
+            f"use one of {list(by_name)[: ids.index(sid)]}"
+        )
+    src = by_name[name]
+    if not which:  # a curate stage writes train.jsonl; a rejection_sample stage sft.jsonl and dpo.jsonl
+        which = (
+            "train" if composed[src].stage.kind == "curate" else ("dpo" if scfg.algo.kind == "preference" else "sft")
+        )
+    folder = run_dir / "data" / src
+    for key in DATA_FROM_KEYS:  # the prompts the source stage sampled with, and how its chains read
+        if key in composed[src].data:
+            scfg.data[key] = composed[src].data[key]
+    scfg.data.train.path = str(folder / f"{which}.jsonl")
+    scfg.data.test.path = str(folder / "test.jsonl")
+    scfg.data.image_folder = str(folder / "images") if scfg.data.modality == "image" else None
+    scfg.stage.data_from = f"{src}/{which}"
+
+
+def evaluate_stage(cfg, run_dir: Path, sid: str, splits: dict, results: dict) -> dict:
+    """Evaluate each earlier train stage's final model: result/eval_<stage>.json + eval_<stage>/ (plots,
+    samples.html), then one table (result/summary.{json,md}, printed) and one plot (result/compare.png)."""
+    from reinforce_cot import evaluation, generation, models, report
+
+    out = run_dir / "result"
     rows = []
     for target in cfg.stage.targets:
         t0 = time.time()
         path = str(models.checkpoint_folder(str(run_dir / "ckpt" / target)))
-        processing_class = models.load_processing_class(path, cfg.model)
-        model = models.load_model(path, cfg.model)
-        metrics = evaluation.evaluate(model, processing_class, splits["test"], cfg)
-        rundir.write_json(run_dir / "result" / f"eval_{target}.json", {"checkpoint": path, **metrics})
+        with generation.load(cfg, path, cache_dir=out / f"eval_{target}") as backend:
+            metrics = evaluation.evaluate_backend(backend, splits["test"], cfg, out, label=target)
         train = results.get(target) or {}
-        rows.append(
-            {
-                "stage": target,
-                "greedy_acc": metrics["greedy_accuracy"],
-                "sampled_acc": metrics.get("sampled_accuracy"),
-                "format_rate": metrics["format_rate"],
-                "mean_len": metrics["mean_completion_tokens"],
-                "train_s": train.get("wall_seconds"),
-                "eval_s": round(time.time() - t0, 1),
-            }
-        )
+        row = {"stage": target} | evaluation.table_row(target, metrics)
+        row.pop("model")
+        rows.append(row | {"train_s": train.get("wall_seconds"), "eval_s": round(time.time() - t0, 1)})
     table = format_table(rows)
     log.info("results on %d held-out prompts:\n%s", min(len(splits["test"]), cfg.eval.max_prompts), table)
     summary = {"stage": sid, "rows": rows}
-    (run_dir / "result" / "summary.md").write_text(table + "\n")
-    rundir.write_json(run_dir / "result" / "summary.json", summary)
-    rundir.write_json(run_dir / "result" / f"{sid}.json", summary)
+    if rows:
+        summary["plot"] = report.compare([r | {"model": r["stage"]} for r in rows], out / "compare.png")
+    (out / "summary.md").write_text(table + "\n")
+    rundir.write_json(out / "summary.json", summary)
+    rundir.write_json(out / f"{sid}.json", summary)
     return summary
 
 
