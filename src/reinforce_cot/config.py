@@ -50,6 +50,10 @@ def validate(cfg) -> None:
     if a.kind == "rl":
         _validate_rl(cfg)
     instantiate(a.args, output_dir="/tmp/reinforce_cot_validate", _convert_="all")  # TRL's own checks
+    from reinforce_cot import adapters, parts
+
+    adapters.validate(cfg)  # peft targets match modules; qlora needs CUDA + bitsandbytes
+    parts.validate(cfg)  # model.freeze / optim.lr_multipliers name existing parts
 
 
 def _validate_rl(cfg) -> None:

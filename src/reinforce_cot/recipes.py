@@ -15,14 +15,15 @@ weights load; they are saved to backup/stages/ so that `resume=<run dir>` replay
 
 Stage kinds: train (any algo), curate (pass rates, difficulty buckets and the easy-to-hack filter:
 reinforce_cot.curation), rejection_sample (k chains per prompt from the stage's model, verified,
-written as SFT/DPO datasets: reinforce_cot.rejection), evaluate (every earlier train stage's final model
-on the test split: metrics JSON, plots, samples.html, a comparison table and plot).
+written as SFT/DPO datasets: reinforce_cot.rejection), merge (LoRA merge or weight averaging of earlier
+stages; reinforce_cot.merge), evaluate (every earlier train or merge stage's model on the test split:
+metrics JSON, plots, samples.html, a comparison table and plot).
 
 A stage trains on data an earlier stage made with `data_from: <stage name>[/<dataset>]`: it is composed
 with data=jsonl on run_dir/data/<that stage id>/<dataset>.jsonl (default: train after a curate stage;
-else dpo for preference algos, sft otherwise) and that folder's test.jsonl and images/, keeping the source stage's prompt template,
-modality and reasoning settings. Such data is loaded when the stage starts, since it does not exist
-before the run:
+else dpo for preference algos, sft otherwise) and that folder's test.jsonl and images/, keeping the
+source stage's prompt template, modality and reasoning settings. Such data is loaded when the stage
+starts, since it does not exist before the run:
 
       - {name: rs, kind: rejection_sample, init_from: sft}
       - {name: dpo, kind: train, init_from: sft, data_from: rs, overrides: [algo=dpo]}
@@ -39,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from reinforce_cot import config as config_lib
 from reinforce_cot import data as data_lib
-from reinforce_cot import preference, rundir
+from reinforce_cot import merge, parts, preference, rundir  # noqa: F401  (parts registers rc.mul)
 from reinforce_cot.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def compose_stages(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict
             if stage.get("data_from"):
                 _use_data_from(scfg, stage, by_name, ids, sid, run_dir, out)
             if stage.kind == "evaluate":
-                scfg.stage.targets = [i for i, s in zip(ids, stages) if s.kind == "train" and i < sid]
+                scfg.stage.targets = [i for i, s in zip(ids, stages) if s.kind in ("train", "merge") and i < sid]
         if stage.get("algo_kind") and scfg.algo.kind != stage.algo_kind:
             raise ConfigError(
                 f"recipe={cfg.recipe.name}: stage '{stage.name}' needs an algo of kind {stage.algo_kind}, "
@@ -126,6 +127,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         if scfg.stage.kind not in stage_kinds():
             raise ConfigError(f"recipe stage {sid}: unknown kind '{scfg.stage.kind}'; use one of {list(stage_kinds())}")
         config_lib.validate(scfg)
+        if scfg.stage.kind == "merge":
+            merge.validate_stage(scfg, [s.split("_", 1)[1] for s in stage_cfgs if s < sid])
         if scfg.stage.get("data_from"):  # made by an earlier stage of this run: loaded when the stage starts
             continue
         key = OmegaConf.to_yaml(scfg.data)
@@ -173,6 +176,7 @@ def stage_kinds() -> dict:
         "rejection_sample": rejection.rejection_sample_stage,
         "evaluate": evaluate_stage,
         "curate": curation.curate_stage,
+        "merge": merge.merge_stage,
     }
 
 
