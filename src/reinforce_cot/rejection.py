@@ -58,6 +58,8 @@ def validate(cfg) -> None:
         raise ConfigError(f"rejection.keep={r.keep}: use all or shortest")
     if r.dpo_pairs not in ("wrong", "length", "both", "none"):
         raise ConfigError(f"rejection.dpo_pairs={r.dpo_pairs}: use wrong, length, both or none")
+    if r.get("chosen", "cycle") not in ("cycle", "shortest"):
+        raise ConfigError(f"rejection.chosen={r.chosen}: use cycle or shortest")
     if r.length_ratio < 1:
         raise ConfigError(f"rejection.length_ratio={r.length_ratio} must be >= 1 (rejected is that many x longer)")
     if r.temperature <= 0 and r.k > 1:
@@ -107,7 +109,12 @@ def _pairs(correct: list[tuple[str, int]], wrong: list[tuple[str, int]], rcfg) -
     out = []
     cap = rcfg.max_pairs_per_prompt
     if rcfg.dpo_pairs in ("wrong", "both") and correct:
-        out += [(correct[i % len(correct)][0], wrong[i][0], "wrong") for i in range(min(cap, len(wrong)))]
+        # chosen: the correct chains in turn, or always the shortest one (Kimi k1.5's long2short DPO)
+        pick = 0 if rcfg.get("chosen") == "shortest" else None
+        out += [
+            (correct[i % len(correct) if pick is None else pick][0], wrong[i][0], "wrong")
+            for i in range(min(cap, len(wrong)))
+        ]
     if rcfg.dpo_pairs in ("length", "both") and correct:
         short_text, short_len = correct[0]
         longer = [c for c in reversed(correct[1:]) if c[1] >= rcfg.length_ratio * max(1, short_len)]
