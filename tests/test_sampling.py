@@ -216,3 +216,38 @@ def test_prioritized_grpo_saves_its_state_and_resumes_it(train, sft_checkpoint):
     assert "sampler state restored from" in (run.dir / "output.log").read_text()
     resumed = json.loads((ckpt / "checkpoint-4" / sampling.STATE_FILE).read_text())
     assert sum(resumed["attempts"]) == 4 * 16  # 2 restored rounds + 2 new ones, not 2
+
+
+@pytest.mark.slow
+def test_two_processes_draw_the_same_groups_and_share_success_rates(tmp_path, sft_checkpoint):
+    """torchrun with 2 gloo processes: each process gets half of every generation batch (one group
+    straddles both), the sampler draws the same chunk on both, the length reward is computed on whole
+    groups, and the success rates count every completion of every group once."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+        str(ROOT / "train.py"), "recipe=single", "algo=grpo", "debug=smoke", "hardware.num_processes=2",
+        f"model.init_from={sft_checkpoint}", "sampler=prioritized", "reward=kimi_length",
+        "algo.args.per_device_train_batch_size=6", "algo.args.num_generations=4",  # 12 per round: 3 groups, 6 per process
+        "algo.args.steps_per_generation=1", "algo.args.max_steps=4", "eval.max_prompts=4", "eval.k=0",
+        f"hydra.run.dir={run_dir}",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=os.environ)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads((run_dir / "ckpt" / "01_grpo" / "checkpoint-4" / sampling.STATE_FILE).read_text())
+    assert sum(state["attempts"]) == 4 * 12  # every completion of both processes, once
+    assert all(a % 4 == 0 for a in state["attempts"])  # whole groups: both processes drew the same prompts
+    log = (run_dir / "output.log").read_text()
+    assert "mixes prompts" not in log
+    history = json.loads((run_dir / "result" / "01_grpo.json").read_text())["log_history"]
+    assert [h["rewards/length/std"] > 0 for h in history if "rewards/length/std" in h].count(True) >= 1
