@@ -58,11 +58,18 @@ def answered_without_reasoning(text: str, gold: str, max_reasoning_chars: int | 
     return max_reasoning_chars is None or len(rewards.reasoning_text(text)) <= max_reasoning_chars
 
 
-def measure(backend, rows: list[dict], cc) -> list[dict]:
-    """Per row: pass_rate over cc.k samples and the easy-to-hack verdict over cc.hack_tries tries."""
-    samples = backend.generate(rows, n=cc.k, temperature=cc.temperature)
+def measure(backend, rows: list[dict], cc, out_dir: Path, split: str) -> list[dict]:
+    """Per row: pass_rate over cc.k samples and the easy-to-hack verdict over cc.hack_tries tries.
+
+    Generations are appended to <split>_generations.jsonl / <split>_answer_only.jsonl as they finish,
+    so a stage killed mid-way skips the prompts already done when it runs again."""
+    samples = backend.generate_to_jsonl(
+        rows, out_dir / f"{split}_generations.jsonl", n=cc.k, temperature=cc.temperature
+    )
     if cc.hack_tries > 0:
-        direct = backend.generate(rows, n=cc.hack_tries, temperature=cc.temperature, template=cc.hack_template)
+        direct = backend.generate_to_jsonl(
+            rows, out_dir / f"{split}_answer_only.jsonl", cc.hack_tries, cc.temperature, cc.hack_template
+        )
     else:
         direct = [[] for _ in rows]
     out = []
@@ -136,14 +143,16 @@ def _curate(cfg, cc, backend, splits: dict, out_dir: Path, sid: str, path: str) 
             report["splits"][split] = {"n_in": len(rows), "n_out": len(rows), "curated": False}
             continue
         rows = rows[: cc.max_prompts] if cc.get("max_prompts") else rows
-        measured = measure(backend, rows, cc)
+        measured = measure(backend, rows, cc, out_dir, split)
         kept, dropped, examples = [], Counter(), defaultdict(list)
         by_source = defaultdict(list)
         audit = (out_dir / f"{split}_samples.jsonl").open("w")  # every sample, to check the numbers by hand
         for row, m in zip(rows, measured):
             by_source[str(row.get("difficulty"))].append(m["pass_rate"])
             reason = None
-            if m["hack_correct"] > 0:
+            if not m["samples"]:
+                reason = "generation_failed"  # a server gave no answer: unmeasured, not hard
+            elif m["hack_correct"] > 0:
                 reason = "easy_to_hack"  # answered right without reasoning within hack_tries
             elif not lo <= m["pass_rate"] <= hi:
                 reason = "pass_rate_outside_keep_range"
