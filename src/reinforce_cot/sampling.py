@@ -48,6 +48,10 @@ class GroupedSampler(Sampler):
     """TRL's RepeatSampler layout with a pluggable choice of each chunk's prompts (uniform here).
 
     Subclasses override `pool` (which prompts may be drawn at a training position) and `weights`.
+    The first five arguments are RepeatSampler's (the trainer fills them); `total_chunks` is the number
+    of generation rounds planned (for schedules), `ids` the rows' ids (to map rewards back to prompts);
+    `alpha`, `floor`, `init_success`, `init_column` shape the success rates; `success_reward` and `name`
+    are read by the trainer wiring and the messages.
     """
 
     def __init__(
@@ -106,6 +110,10 @@ class GroupedSampler(Sampler):
     def weights(self, pool: list[int]) -> torch.Tensor | None:
         """Relative draw probabilities over `pool`; None = uniform."""
         return None
+
+    def priority(self, pool: list[int]) -> torch.Tensor:
+        """max(1 - s_i, floor) over `pool`: Kimi's prioritized sampling weights."""
+        return torch.tensor([max(1.0 - self.success[i], self.floor) for i in pool], dtype=torch.float64)
 
     def draw(self, position: int) -> list[int]:
         """The chunk at `position`: batch_size distinct prompts from the pool."""
@@ -200,7 +208,7 @@ class PrioritizedSampler(GroupedSampler):
     """
 
     def weights(self, pool: list[int]) -> torch.Tensor:
-        return torch.tensor([max(1.0 - self.success[i], self.floor) for i in pool], dtype=torch.float64)
+        return self.priority(pool)
 
 
 class CurriculumSampler(GroupedSampler):
@@ -252,9 +260,7 @@ class CurriculumSampler(GroupedSampler):
         return self.order[: min(self.n, size)]
 
     def weights(self, pool: list[int]) -> torch.Tensor | None:
-        if not self.prioritize:
-            return None
-        return torch.tensor([max(1.0 - self.success[i], self.floor) for i in pool], dtype=torch.float64)
+        return self.priority(pool) if self.prioritize else None
 
 
 def _column(data_source, name: str) -> list:
