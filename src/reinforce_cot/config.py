@@ -39,6 +39,13 @@ def validate(cfg) -> None:
     from_stage = (cfg.get("stage") or {}).get("init_from")  # made by an earlier stage of this run
     if m.get("init_from") and not from_stage and not Path(str(m.init_from)).expanduser().exists():
         raise ConfigError(f"model.init_from={m.init_from} does not exist; point it at a checkpoint folder or run dir")
+    from reinforce_cot import generation
+
+    generation.validate(cfg)  # the backend's packages (vllm) and server settings
+    if (cfg.get("stage") or {}).get("kind") == "rejection_sample":
+        from reinforce_cot import rejection
+
+        rejection.validate(cfg)
     if cfg.eval.k < 0:
         raise ConfigError(f"eval.k={cfg.eval.k} must be >= 0 (samples per prompt; 0 skips sampled metrics)")
     if a.kind == "rl":

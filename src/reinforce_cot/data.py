@@ -128,8 +128,9 @@ def arithmetic_rows(n: int, seed: int, max_value: int = 99) -> list[dict[str, An
 # ---------------------------------------------------------------------------- local JSONL files
 def jsonl_rows(path: str, image_folder: str | None, fields: dict[str, str]) -> list[dict[str, Any]]:
     """Rows of a JSONL file in the seeds' format: image (relative to `image_folder`), question, answer,
-    reasoning. A row without a question or answer, or whose image is missing or not an image, stops the
-    load with an error that names the file, the line and the fix."""
+    reasoning; any other key (id, difficulty, pass_rate, ...) is kept as a column. A row without a question
+    or answer, or whose image is missing or not an image, stops the load with an error that names the
+    file, the line and the fix."""
     from PIL import Image, UnidentifiedImageError
 
     p = Path(path).expanduser()
@@ -170,8 +171,10 @@ def jsonl_rows(path: str, image_folder: str | None, fields: dict[str, str]) -> l
         for key in ("chosen", "rejected"):  # optional preference pair (for algo=dpo)
             if key in row and row[key] is None:
                 del row[key]
+        for key, value in rec.items():  # other columns (id, difficulty, pass_rate, ...) travel with the row
+            if key not in fields.values():
+                row.setdefault(key, value)
         row.setdefault("id", f"{p.stem}-{lineno}")
-        row["difficulty"] = rec.get("difficulty", 0)
         rows.append(row)
     if not rows:
         raise ConfigError(f"data.path={path}: the file holds no rows; add rows or pick another dataset")

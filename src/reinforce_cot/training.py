@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hydra.utils import instantiate
 
-from reinforce_cot import adapters, hardware, models, parts, rewards
+from reinforce_cot import adapters, hardware, models, parts, rewards, sampling
 from reinforce_cot import data as data_lib
 from reinforce_cot.rundir import write_json
 
@@ -69,7 +69,11 @@ def train_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: dict | None
         kwargs["reward_funcs"] = funcs
         log.info("[%s] rewards: %s", sid, dict(zip([f.__name__ for f in funcs], weights)))
     kwargs.update(adapters.trainer_kwargs(cfg, model))
-    trainer = instantiate(cfg.algo.trainer)(**kwargs)
+    make_trainer = instantiate(cfg.algo.trainer)
+    if cfg.algo.kind == "rl" and (cfg.get("sampler") or {}).get("_target_"):  # not TRL's own order
+        make_trainer = sampling.with_sampler(make_trainer, cfg.sampler)
+        log.info("[%s] sampler: %s", sid, cfg.sampler.name)
+    trainer = make_trainer(**kwargs)
     parts.install_lr_multipliers(trainer, cfg)
     log.info("[%s] %s", sid, adapters.describe_trainable(trainer.model))
     if cfg.algo.kind == "preference" or cfg.algo.args.get("beta"):
