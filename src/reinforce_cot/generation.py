@@ -54,13 +54,12 @@ class GenerationError(ConfigError):
 
 # ------------------------------------------------------------------------------------ helpers
 def row_key(row: dict) -> str:
-    """A stable identity for a prompt: its id, else a hash of its question and image bytes."""
-    if row.get("id") is not None:
-        return str(row["id"])
-    h = hashlib.sha1(row["question"].encode())
+    """A stable identity for a prompt: its id (if any) and a hash of its question, answer and image
+    pixels, so that a JSONL written for other data with the same ids is never mistaken for this one."""
+    h = hashlib.sha1(json.dumps([row["question"], str(row.get("answer"))]).encode())
     if row.get("image") is not None:
         h.update(row["image"].tobytes())
-    return h.hexdigest()[:16]
+    return f"{row['id']}#{h.hexdigest()[:10]}" if row.get("id") is not None else h.hexdigest()[:16]
 
 
 def image_data_url(image) -> str:
@@ -446,10 +445,21 @@ class OpenAIBackend(Backend):
         raise _Unreachable(last)
 
     @staticmethod
-    def _texts(data: Any) -> tuple[list[str], list]:
+    def _message_text(message: dict) -> str:
+        """The completion as the model wrote it. Servers with a reasoning parser (vllm serve
+        --reasoning-parser, transformers serve) move the <think> part into `reasoning_content` (or
+        `reasoning`); it is put back, since rewards and metrics read the whole chain."""
+        content = message["content"]
+        thought = message.get("reasoning_content") or message.get("reasoning")
+        if isinstance(thought, str) and thought and "<think>" not in (content or ""):
+            return f"<think>{thought}</think>{content or ''}"
+        return content
+
+    @classmethod
+    def _texts(cls, data: Any) -> tuple[list[str], list]:
         try:
             choices = data["choices"]
-            texts = [c["message"]["content"] for c in choices]
+            texts = [cls._message_text(c["message"]) for c in choices]
             reasons = [c.get("finish_reason") for c in choices]
         except (KeyError, TypeError, IndexError) as e:
             raise _Malformed(f"no choices[].message.content in the response ({type(e).__name__}: {e})") from None

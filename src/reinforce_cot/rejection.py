@@ -76,7 +76,7 @@ def _safe(name: str) -> str:
 def _save_image(row: dict, folder: Path, prefix: str = "") -> str | None:
     if row.get("image") is None:
         return None
-    name = f"{prefix}{_safe(generation.row_key(row))}.png"
+    name = f"{prefix}{_safe(row.get('id') or generation.row_key(row))}.png"
     if not (folder / name).exists():
         folder.mkdir(parents=True, exist_ok=True)
         row["image"].save(folder / name)
