@@ -184,7 +184,7 @@ def test_unified_reward_think_end_to_end(train):
     assert rs["correct_samples"] > 0 and rs["sft"]["rows"] > 0 and rs["dpo"]["rows"] > 0
     data_dir = run.dir / "data" / "02_rs"
     assert len((data_dir / "sft.jsonl").read_text().splitlines()) == rs["sft"]["rows"]
-    assert len((data_dir / "test.jsonl").read_text().splitlines()) == 48
+    assert len((data_dir / "test.jsonl").read_text().splitlines()) == rs["test_rows"] > 40  # 48 minus train repeats
 
     sft = run.result("03_sft.json")  # trained on the correct chains: 1 epoch in batches of 32
     assert sft["global_step"] == math.ceil(rs["sft"]["rows"] / 32)

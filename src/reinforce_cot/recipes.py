@@ -93,10 +93,22 @@ def compose_stages(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict
     return out
 
 
+def instantiate_rows(node) -> list[dict]:
+    """`instantiate` a split; a loader's ConfigError comes out as itself (one line), not wrapped by Hydra."""
+    from hydra.errors import InstantiationException
+
+    try:
+        return instantiate(node)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, ConfigError):
+            raise e.__cause__ from None
+        raise
+
+
 def load_splits(data_cfg) -> dict[str, list[dict]]:
     """Instantiate the train and test rows of a data config; test rows seen in train are dropped."""
-    train = instantiate(data_cfg.train)
-    test = instantiate(data_cfg.test)
+    train = instantiate_rows(data_cfg.train)
+    test = instantiate_rows(data_cfg.test)
     if "layout" in (train[0] if train else {}):
         test = data_lib.disjoint(train, test)
     for split, rows in (("train", train), ("test", test)):

@@ -252,6 +252,7 @@ def rejection_sample_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: 
         rep = sample(backend, rows, cfg, out, tokenizer=backend.tokenizer)
     export_rows(splits["test"], out / "test.jsonl", prefix="test-")
     summary = {"stage": sid, "kind": "rejection_sample", "model": path, "wall_seconds": round(time.time() - t0, 1)}
+    summary["test_rows"] = len(splits["test"])
     summary |= {k: v for k, v in rep.items() if k != "per_prompt"}
     write_json(run_dir / "result" / f"{sid}.json", summary)
     log.info(
