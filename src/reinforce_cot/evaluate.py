@@ -82,7 +82,14 @@ def plan(cfg: DictConfig, ckpt: str, user_groups: set[str], own_result: Path) ->
         out, name = own_result, stage
     rows = instantiate_rows(ecfg.data.test)
     evaluation.check_rows(rows, ecfg.data)
-    return {"path": str(path), "cfg": ecfg, "out": out, "label": f"{stage}_{ecfg.data.name}", "name": name, "rows": rows}
+    return {
+        "path": str(path),
+        "cfg": ecfg,
+        "out": out,
+        "label": f"{stage}_{ecfg.data.name}",
+        "name": name,
+        "rows": rows,
+    }
 
 
 def run(cfg: DictConfig, out_root: Path, overrides: list[str]) -> list[dict]:

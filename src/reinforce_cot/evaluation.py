@@ -86,7 +86,9 @@ def check_rows(rows: list[dict], data_cfg) -> None:
             "evaluation needs a gold `answer` per row (map it with data.fields.answer=<column>)"
         )
     if data_cfg.modality == "image" and any(r.get("image") is None for r in rows):
-        raise ConfigError(f"data={data_cfg.name}: modality is image but some rows have no image; set data.modality=text")
+        raise ConfigError(
+            f"data={data_cfg.name}: modality is image but some rows have no image; set data.modality=text"
+        )
 
 
 def _mean(xs) -> float:
@@ -245,7 +247,9 @@ def evaluate_backend(backend, rows: list[dict], cfg, out_dir: str | Path | None 
         answer_only = [c[0] if c else "" for c in gen("answer_only", 1, 0.0, e.answer_only_template)]
     metrics, records = score(rows, greedy, sampled, answer_only, e, cfg.data, backend.tokenizer)
     metrics["failed_generations"] = failed
-    metrics["samples"] = [{k: r[k] for k in ("id", "question", "answer", "completion", "correct")} for r in records[:20]]
+    metrics["samples"] = [
+        {k: r[k] for k in ("id", "question", "answer", "completion", "correct")} for r in records[:20]
+    ]
     if folder is not None:
         from reinforce_cot import report, rundir
 

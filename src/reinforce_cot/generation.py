@@ -153,11 +153,15 @@ class Backend:
         fp = self.fingerprint(n, temperature, template)
         keys = [f"{row_key(r)}:{fp}" for r in rows]
         done = read_jsonl(path)
-        todo = [
-            i for i, k in enumerate(keys) if k not in done or (retry_failed and done[k].get("status") != "ok")
-        ]
+        todo = [i for i, k in enumerate(keys) if k not in done or (retry_failed and done[k].get("status") != "ok")]
         if len(todo) < len(rows):
-            log.info("%s: %d of %d prompts already done, generating the other %d", path, len(rows) - len(todo), len(rows), len(todo))
+            log.info(
+                "%s: %d of %d prompts already done, generating the other %d",
+                path,
+                len(rows) - len(todo),
+                len(rows),
+                len(todo),
+            )
         return keys, done, todo
 
     @staticmethod

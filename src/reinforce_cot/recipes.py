@@ -137,7 +137,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         if scfg.stage.kind not in stage_kinds():
             raise ConfigError(f"recipe stage {sid}: unknown kind '{scfg.stage.kind}'; use one of {list(stage_kinds())}")
         config_lib.validate(scfg)
-    for sid, scfg in stage_cfgs.items():  # every stage's config checked first: a bad one fails before any data loads
+    for scfg in stage_cfgs.values():  # every stage's config was checked first: a bad one fails before any data loads
         if scfg.stage.get("data_from"):  # made by an earlier stage of this run: loaded when the stage starts
             continue
         key = OmegaConf.to_yaml(scfg.data)
@@ -168,9 +168,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
 
 def stage_kinds() -> dict:
     """What each recipe stage `kind` runs: fn(cfg, run_dir, stage_id, splits, earlier_results) -> dict."""
-    from reinforce_cot import training
-
-    from reinforce_cot import rejection
+    from reinforce_cot import rejection, training
 
     return {
         "train": training.train_stage,
