@@ -26,7 +26,6 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from reinforce_cot import config as config_lib
 from reinforce_cot import evaluation, generation, models, report, rundir
 from reinforce_cot.errors import ConfigError
 from reinforce_cot.main import CONF_DIR, _route_library_logs
@@ -74,7 +73,7 @@ def plan(cfg: DictConfig, ckpt: str, user_groups: set[str], own_result: Path) ->
         elif "model" not in user_groups:
             ecfg.model.kind = _kind_of(path)
         ecfg.model.path, ecfg.model.init_from = str(path), None
-    config_lib.validate(ecfg)
+    evaluation.validate(ecfg)
     stage = path.parent.name if path.name in ("final", "merged") else path.name
     if run_dir is not None:
         out, name = run_dir / "result", f"{run_dir.name}/{stage}"

@@ -76,6 +76,25 @@ def pass_ks(k: int) -> list[int]:
     return out + [k]
 
 
+def validate(cfg) -> None:
+    """What evaluation alone needs, checked before any weights load (no trainer config: evaluating
+    does not import TRL): required keys, data vs model, the generation backend, eval.*."""
+    from reinforce_cot import generation
+
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]} is required (???) but not set; add {missing[0]}=<value> to the command line")
+    if cfg.data.modality == "image" and cfg.model.kind != "vlm":
+        raise ConfigError(
+            f"data={cfg.data.name} has images but model {cfg.model.path} is text-only; evaluate it on text data"
+        )
+    generation.validate(cfg)
+    if cfg.eval.k < 0:
+        raise ConfigError(f"eval.k={cfg.eval.k} must be >= 0 (samples per prompt; 0 skips sampled metrics)")
+    if cfg.eval.max_prompts < 1:
+        raise ConfigError(f"eval.max_prompts={cfg.eval.max_prompts} must be >= 1")
+
+
 def check_rows(rows: list[dict], data_cfg) -> None:
     if not rows:
         raise ConfigError(f"data={data_cfg.name}: the test split is empty; raise data.test.n or fix the source")

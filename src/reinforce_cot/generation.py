@@ -229,10 +229,12 @@ class HFBackend(Backend):
 
     def generate(self, rows: list[dict], n: int = 1, temperature: float = 0.0, template: str | None = None):
         import torch
+        from tqdm.auto import tqdm
 
         self.model.eval()
         out: list[list[str]] = []
         per_batch = max(1, self.batch_size // n)  # prompts per forward pass, each repeated n times
+        bar = tqdm(total=len(rows), desc=f"generate n={n}", unit="prompt", disable=None)  # None: off without a tty
         for start in range(0, len(rows), per_batch):
             batch = rows[start : start + per_batch]
             prompts = [self.prompt(r, template) for r in batch for _ in range(n)]
@@ -251,6 +253,8 @@ class HFBackend(Backend):
                 ids = self.model.generate(**enc, **kwargs)
             texts = self.tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             out += [texts[i * n : (i + 1) * n] for i in range(len(batch))]
+            bar.update(len(batch))
+        bar.close()
         return out
 
 
@@ -491,8 +495,10 @@ class OpenAIBackend(Backend):
     # -- many requests
     async def _run(self, rows, idx, keys, n, temperature, template, out: _Appender) -> dict:
         import httpx
+        from tqdm.auto import tqdm
 
         sem = asyncio.Semaphore(self.max_concurrency)
+        bar = tqdm(total=len(idx), desc=f"requests n={n}", unit="prompt", disable=None)
         state = {"down": None, "ok": 0, "failed": 0}
         limits = httpx.Limits(max_connections=self.max_concurrency)
 
@@ -514,8 +520,10 @@ class OpenAIBackend(Backend):
                         state["down"] = state["down"] or str(e)
                         return
                     out.write(rec)
+                    bar.update(1)
 
             await asyncio.gather(*(task(i) for i in idx))
+        bar.close()
         return state
 
     def generate_to_jsonl(self, rows, path, n=1, temperature=0.0, template=None, retry_failed=None):
