@@ -129,6 +129,13 @@ def test_data_from_points_a_stage_at_an_earlier_stages_data(hydra_ctx, tmp_path)
     assert list(stages["05_evaluate"].stage.targets) == ["01_cold_start", "03_sft", "04_dpo"]
 
 
+def test_data_from_drops_loader_args_of_the_source_data(hydra_ctx, tmp_path):
+    user = ["recipe=unified_reward_think", "debug=smoke"]  # smoke sets data.train.n, which jsonl_rows does not take
+    stages = recipes.compose_stages(compose(config_name="train", overrides=user), user, tmp_path)
+    assert stages["02_rs"].data.train.n == 96
+    assert set(stages["03_sft"].data.train) == {"_target_", "path", "image_folder", "fields"}
+
+
 def test_data_from_a_later_stage_is_refused(hydra_ctx, tmp_path):
     cfg = compose(config_name="train", overrides=["recipe=unified_reward_think"])
     with open_dict(cfg):

@@ -194,6 +194,9 @@ def _use_data_from(scfg, stage, by_name: dict, ids: list, sid: str, run_dir: Pat
     for key in DATA_FROM_KEYS:  # the prompts the source stage sampled with, and how its chains read
         if key in composed[src].data:
             scfg.data[key] = composed[src].data[key]
+    for split in ("train", "test"):  # drop loader arguments meant for the source data (debug=smoke's n)
+        for key in [k for k in scfg.data[split] if k not in ("_target_", "path", "image_folder", "fields")]:
+            del scfg.data[split][key]
     scfg.data.train.path = str(folder / f"{which}.jsonl")
     scfg.data.test.path = str(folder / "test.jsonl")
     scfg.data.image_folder = str(folder / "images") if scfg.data.modality == "image" else None
