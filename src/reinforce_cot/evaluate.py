@@ -24,14 +24,12 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from reinforce_cot import config as config_lib
 from reinforce_cot import evaluation, generation, models, report, rundir
 from reinforce_cot.errors import ConfigError
 from reinforce_cot.main import CONF_DIR, _route_library_logs
-from reinforce_cot.recipes import format_table
+from reinforce_cot.recipes import format_table, instantiate_rows
 
 log = logging.getLogger("reinforce_cot")
 
@@ -75,15 +73,22 @@ def plan(cfg: DictConfig, ckpt: str, user_groups: set[str], own_result: Path) ->
         elif "model" not in user_groups:
             ecfg.model.kind = _kind_of(path)
         ecfg.model.path, ecfg.model.init_from = str(path), None
-    config_lib.validate(ecfg)
+    evaluation.validate(ecfg)
     stage = path.parent.name if path.name in ("final", "merged") else path.name
     if run_dir is not None:
         out, name = run_dir / "result", f"{run_dir.name}/{stage}"
     else:
         out, name = own_result, stage
-    rows = instantiate(ecfg.data.test)
+    rows = instantiate_rows(ecfg.data.test)
     evaluation.check_rows(rows, ecfg.data)
-    return {"path": str(path), "cfg": ecfg, "out": out, "label": f"{stage}_{ecfg.data.name}", "name": name, "rows": rows}
+    return {
+        "path": str(path),
+        "cfg": ecfg,
+        "out": out,
+        "label": f"{stage}_{ecfg.data.name}",
+        "name": name,
+        "rows": rows,
+    }
 
 
 def run(cfg: DictConfig, out_root: Path, overrides: list[str]) -> list[dict]:

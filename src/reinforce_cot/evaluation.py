@@ -76,6 +76,25 @@ def pass_ks(k: int) -> list[int]:
     return out + [k]
 
 
+def validate(cfg) -> None:
+    """What evaluation alone needs, checked before any weights load (no trainer config: evaluating
+    does not import TRL): required keys, data vs model, the generation backend, eval.*."""
+    from reinforce_cot import generation
+
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]} is required (???) but not set; add {missing[0]}=<value> to the command line")
+    if cfg.data.modality == "image" and cfg.model.kind != "vlm":
+        raise ConfigError(
+            f"data={cfg.data.name} has images but model {cfg.model.path} is text-only; evaluate it on text data"
+        )
+    generation.validate(cfg)
+    if cfg.eval.k < 0:
+        raise ConfigError(f"eval.k={cfg.eval.k} must be >= 0 (samples per prompt; 0 skips sampled metrics)")
+    if cfg.eval.max_prompts < 1:
+        raise ConfigError(f"eval.max_prompts={cfg.eval.max_prompts} must be >= 1")
+
+
 def check_rows(rows: list[dict], data_cfg) -> None:
     if not rows:
         raise ConfigError(f"data={data_cfg.name}: the test split is empty; raise data.test.n or fix the source")
@@ -86,7 +105,9 @@ def check_rows(rows: list[dict], data_cfg) -> None:
             "evaluation needs a gold `answer` per row (map it with data.fields.answer=<column>)"
         )
     if data_cfg.modality == "image" and any(r.get("image") is None for r in rows):
-        raise ConfigError(f"data={data_cfg.name}: modality is image but some rows have no image; set data.modality=text")
+        raise ConfigError(
+            f"data={data_cfg.name}: modality is image but some rows have no image; set data.modality=text"
+        )
 
 
 def _mean(xs) -> float:
@@ -245,7 +266,9 @@ def evaluate_backend(backend, rows: list[dict], cfg, out_dir: str | Path | None 
         answer_only = [c[0] if c else "" for c in gen("answer_only", 1, 0.0, e.answer_only_template)]
     metrics, records = score(rows, greedy, sampled, answer_only, e, cfg.data, backend.tokenizer)
     metrics["failed_generations"] = failed
-    metrics["samples"] = [{k: r[k] for k in ("id", "question", "answer", "completion", "correct")} for r in records[:20]]
+    metrics["samples"] = [
+        {k: r[k] for k in ("id", "question", "answer", "completion", "correct")} for r in records[:20]
+    ]
     if folder is not None:
         from reinforce_cot import report, rundir
 

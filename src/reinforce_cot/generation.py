@@ -54,13 +54,12 @@ class GenerationError(ConfigError):
 
 # ------------------------------------------------------------------------------------ helpers
 def row_key(row: dict) -> str:
-    """A stable identity for a prompt: its id, else a hash of its question and image bytes."""
-    if row.get("id") is not None:
-        return str(row["id"])
-    h = hashlib.sha1(row["question"].encode())
+    """A stable identity for a prompt: its id (if any) and a hash of its question, answer and image
+    pixels, so that a JSONL written for other data with the same ids is never mistaken for this one."""
+    h = hashlib.sha1(json.dumps([row["question"], str(row.get("answer"))]).encode())
     if row.get("image") is not None:
         h.update(row["image"].tobytes())
-    return h.hexdigest()[:16]
+    return f"{row['id']}#{h.hexdigest()[:10]}" if row.get("id") is not None else h.hexdigest()[:16]
 
 
 def image_data_url(image) -> str:
@@ -154,11 +153,15 @@ class Backend:
         fp = self.fingerprint(n, temperature, template)
         keys = [f"{row_key(r)}:{fp}" for r in rows]
         done = read_jsonl(path)
-        todo = [
-            i for i, k in enumerate(keys) if k not in done or (retry_failed and done[k].get("status") != "ok")
-        ]
+        todo = [i for i, k in enumerate(keys) if k not in done or (retry_failed and done[k].get("status") != "ok")]
         if len(todo) < len(rows):
-            log.info("%s: %d of %d prompts already done, generating the other %d", path, len(rows) - len(todo), len(rows), len(todo))
+            log.info(
+                "%s: %d of %d prompts already done, generating the other %d",
+                path,
+                len(rows) - len(todo),
+                len(rows),
+                len(todo),
+            )
         return keys, done, todo
 
     @staticmethod
@@ -226,10 +229,12 @@ class HFBackend(Backend):
 
     def generate(self, rows: list[dict], n: int = 1, temperature: float = 0.0, template: str | None = None):
         import torch
+        from tqdm.auto import tqdm
 
         self.model.eval()
         out: list[list[str]] = []
         per_batch = max(1, self.batch_size // n)  # prompts per forward pass, each repeated n times
+        bar = tqdm(total=len(rows), desc=f"generate n={n}", unit="prompt", disable=None)  # None: off without a tty
         for start in range(0, len(rows), per_batch):
             batch = rows[start : start + per_batch]
             prompts = [self.prompt(r, template) for r in batch for _ in range(n)]
@@ -248,6 +253,8 @@ class HFBackend(Backend):
                 ids = self.model.generate(**enc, **kwargs)
             texts = self.tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             out += [texts[i * n : (i + 1) * n] for i in range(len(batch))]
+            bar.update(len(batch))
+        bar.close()
         return out
 
 
@@ -446,10 +453,21 @@ class OpenAIBackend(Backend):
         raise _Unreachable(last)
 
     @staticmethod
-    def _texts(data: Any) -> tuple[list[str], list]:
+    def _message_text(message: dict) -> str:
+        """The completion as the model wrote it. Servers with a reasoning parser (vllm serve
+        --reasoning-parser, transformers serve) move the <think> part into `reasoning_content` (or
+        `reasoning`); it is put back, since rewards and metrics read the whole chain."""
+        content = message["content"]
+        thought = message.get("reasoning_content") or message.get("reasoning")
+        if isinstance(thought, str) and thought and "<think>" not in (content or ""):
+            return f"<think>{thought}</think>{content or ''}"
+        return content
+
+    @classmethod
+    def _texts(cls, data: Any) -> tuple[list[str], list]:
         try:
             choices = data["choices"]
-            texts = [c["message"]["content"] for c in choices]
+            texts = [cls._message_text(c["message"]) for c in choices]
             reasons = [c.get("finish_reason") for c in choices]
         except (KeyError, TypeError, IndexError) as e:
             raise _Malformed(f"no choices[].message.content in the response ({type(e).__name__}: {e})") from None
@@ -477,8 +495,10 @@ class OpenAIBackend(Backend):
     # -- many requests
     async def _run(self, rows, idx, keys, n, temperature, template, out: _Appender) -> dict:
         import httpx
+        from tqdm.auto import tqdm
 
         sem = asyncio.Semaphore(self.max_concurrency)
+        bar = tqdm(total=len(idx), desc=f"requests n={n}", unit="prompt", disable=None)
         state = {"down": None, "ok": 0, "failed": 0}
         limits = httpx.Limits(max_connections=self.max_concurrency)
 
@@ -500,8 +520,10 @@ class OpenAIBackend(Backend):
                         state["down"] = state["down"] or str(e)
                         return
                     out.write(rec)
+                    bar.update(1)
 
             await asyncio.gather(*(task(i) for i in idx))
+        bar.close()
         return state
 
     def generate_to_jsonl(self, rows, path, n=1, temperature=0.0, template=None, retry_failed=None):

@@ -95,10 +95,22 @@ def compose_stages(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict
     return out
 
 
+def instantiate_rows(node) -> list[dict]:
+    """`instantiate` a split; a loader's ConfigError comes out as itself (one line), not wrapped by Hydra."""
+    from hydra.errors import InstantiationException
+
+    try:
+        return instantiate(node)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, ConfigError):
+            raise e.__cause__ from None
+        raise
+
+
 def load_splits(data_cfg) -> dict[str, list[dict]]:
     """Instantiate the train and test rows of a data config; test rows seen in train are dropped."""
-    train = instantiate(data_cfg.train)
-    test = instantiate(data_cfg.test)
+    train = instantiate_rows(data_cfg.train)
+    test = instantiate_rows(data_cfg.test)
     if "layout" in (train[0] if train else {}):
         test = data_lib.disjoint(train, test)
     for split, rows in (("train", train), ("test", test)):
@@ -130,6 +142,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         config_lib.validate(scfg)
         if scfg.stage.kind == "merge":
             merge.validate_stage(scfg, [s.split("_", 1)[1] for s in stage_cfgs if s < sid])
+    for scfg in stage_cfgs.values():  # every stage's config was checked first: a bad one fails before any data loads
         if not scfg.stage.get("data_from"):  # data_from: made by an earlier stage, loaded when it starts
             _load_checked(scfg, splits)
     hardware.barrier()  # every rank has decided `resuming` before rank 0 writes backup/

@@ -78,7 +78,7 @@ def _safe(name: str) -> str:
 def _save_image(row: dict, folder: Path, prefix: str = "") -> str | None:
     if row.get("image") is None:
         return None
-    name = f"{prefix}{_safe(generation.row_key(row))}.png"
+    name = f"{prefix}{_safe(row.get('id') or generation.row_key(row))}.png"
     if not (folder / name).exists():
         folder.mkdir(parents=True, exist_ok=True)
         row["image"].save(folder / name)
@@ -259,6 +259,7 @@ def rejection_sample_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: 
         rep = sample(backend, rows, cfg, out, tokenizer=backend.tokenizer)
     export_rows(splits["test"], out / "test.jsonl", prefix="test-")
     summary = {"stage": sid, "kind": "rejection_sample", "model": path, "wall_seconds": round(time.time() - t0, 1)}
+    summary["test_rows"] = len(splits["test"])
     summary |= {k: v for k, v in rep.items() if k != "per_prompt"}
     write_json(run_dir / "result" / f"{sid}.json", summary)
     log.info(
