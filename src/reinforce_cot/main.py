@@ -23,6 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from reinforce_cot import recipes
+from reinforce_cot.cluster import quiet_other_ranks, setup_job
 from reinforce_cot.errors import ConfigError
 
 log = logging.getLogger("reinforce_cot")
@@ -43,8 +44,10 @@ def main(cfg: DictConfig):
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     _route_library_logs()
+    quiet_other_ranks(run_dir)  # in a multi-task job, output.log is rank 0's
     log.info("run dir: %s", run_dir)
     try:
+        setup_job(cfg, run_dir)  # in a submitit job: torch.distributed env from its tasks
         return recipes.run(cfg, run_dir, list(hc.overrides.task))
     except ConfigError as e:
         log.error("error: %s", e)

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from reinforce_cot import config as config_lib
 from reinforce_cot import data as data_lib
 from reinforce_cot import rundir
+from reinforce_cot.cluster import is_main_process
 from reinforce_cot.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     if resuming:
         rundir.check_resumable(run_dir)
         stage_cfgs = {p.stem: OmegaConf.load(p) for p in sorted((run_dir / "backup" / "stages").glob("*.yaml"))}
-        rundir.note_resume(run_dir, overrides)
+        if is_main_process():  # other ranks of a multi-task job write nothing to the run dir
+            rundir.note_resume(run_dir, overrides)
         log.info("resuming %s: stages %s", run_dir, list(stage_cfgs))
     else:
         stage_cfgs = compose_stages(cfg, overrides, run_dir)
@@ -111,7 +113,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         key = OmegaConf.to_yaml(scfg.data)
         if key not in splits:
             splits[key] = load_splits(scfg.data)
-    if not resuming:
+    if not resuming and is_main_process():
         rundir.write_provenance(run_dir, cfg, overrides, stage_cfgs)
 
     results: dict[str, dict] = {}
@@ -120,6 +122,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         if done.exists():
             log.info("[%s] already done (%s), skipping", sid, done)
             results[sid] = OmegaConf.to_container(OmegaConf.load(done))
+            continue
+        if scfg.stage.kind != "train" and not is_main_process():
+            log.info("[%s] %s runs on rank 0 only", sid, scfg.stage.kind)  # only train stages are distributed
             continue
         log.info("[%s] start: %s", sid, scfg.stage.kind)
         stage_fn = stage_kinds()[scfg.stage.kind]
