@@ -36,12 +36,21 @@ def slurm(slurm_cluster, tmp_path):
         subprocess.run(["scancel", *mine], env=slurm_cluster)
 
 
-def sacct_states(env, job_id: str) -> list[str]:
-    """Every record's state (-D: requeued runs too), oldest first, for an allocation (no steps)."""
-    out = subprocess.run(
-        ["sacct", "-j", job_id, "-D", "-X", "-n", "-P", "-o", "JobID,State"], env=env, capture_output=True, text=True
-    ).stdout
-    return [state.split()[0] for _, state in (line.split("|") for line in out.splitlines())]
+def sacct_states(env, job_id: str, timeout: float = 60) -> list[str]:
+    """Every record's state (-D: requeued runs too), oldest first, for an allocation (no steps), once the
+    last one is final: the result file reaches the driver a moment before Slurm sees the job end."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = subprocess.run(
+            ["sacct", "-j", job_id, "-D", "-X", "-n", "-P", "-o", "JobID,State"],
+            env=env,
+            capture_output=True,
+            text=True,
+        ).stdout
+        states = [state.split()[0] for _, state in (line.split("|") for line in out.splitlines())]
+        if states and states[-1] not in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING") or time.monotonic() > deadline:
+            return states
+        time.sleep(0.5)
 
 
 def jobs_txt(run_dir: Path) -> list[dict]:
@@ -179,7 +188,8 @@ def test_time_limit_requeues_and_resumes(slurm, tmp_path):
     assert len({s["job"] for s in starts}) == 1
     states = sacct_states(slurm, starts[0]["job"])
     assert states == ["REQUEUED"] * (len(starts) - 1) + ["COMPLETED"], states
-    submitit_log = Path(starts[0]["log"]).with_suffix(".err").read_text()
+    log_out = Path(starts[0]["log"])
+    submitit_log = log_out.read_text() + log_out.with_suffix(".err").read_text()
     assert "Caught signal SIGUSR2" in submitit_log and "Requeued job" in submitit_log
 
     train = sweep.result(0, "01_sft.json")
