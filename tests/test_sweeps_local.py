@@ -48,6 +48,7 @@ def test_local_launcher_runs_each_job_in_its_own_run_dir(local_sweep):
 def test_compare_notebook_draws_the_sweep(local_sweep, tmp_path, monkeypatch):
     import nbclient  # the dev extra
     import nbformat
+
     notebook = ROOT / "notebooks" / "compare_runs.ipynb"
     nb = nbformat.read(notebook, as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "outputs must be stripped in git"

@@ -5,6 +5,7 @@
     python train.py algo=gspo hardware=1xa100 model=qwen2_5_vl_3b
     python train.py resume=outputs/20260101_120000_quickstart
     python train.py -m algo=grpo,gspo seed=0,1        # a sweep: one run dir per job under multirun/
+    python train.py -m algo=grpo,gspo seed=0,1 hardware=slurm_1node_8gpu   # the same sweep on Slurm (slurm/sweeps.md)
 
 Flow: compose -> validate every stage (before any weights load) -> run dir + provenance -> stages
 (train: data -> model -> rewards -> TRL trainer -> train with auto-resume -> save; evaluate) -> table.
