@@ -141,8 +141,9 @@ class Sweep:
 def sweep_env(extra: dict | None = None) -> dict:
     """The environment of a sweep's driver, which its jobs inherit (sbatch exports it): this checkout's
     src/ first, so jobs import the code under test."""
-    path = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "PYTHONPATH": path, **(extra or {})}
+    env = {**os.environ, **(extra or {})}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
+    return env
 
 
 def run_sweep(tmp_path: Path, *overrides: str, timeout: int = 600, env: dict | None = None, wait=None) -> Sweep:

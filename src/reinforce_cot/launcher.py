@@ -4,12 +4,11 @@
     python train.py -m seed=0,1,2 hardware=slurm_1node_8gpu                      # implies hydra/launcher=slurm
     python train.py -m seed=0,1,2 hydra/launcher=local                           # same jobs, this machine
 
-conf/hydra/launcher/{slurm,local}.yaml select hydra_plugins.reinforce_cot_launcher's classes (Hydra takes
-launchers only from the hydra_plugins namespace; they are this module's SubmititSweep mixed into
-hydra-submitit-launcher's), on top of the plugin's
-`submitit_slurm`/`submitit_local` configs, so every key of the plugin works as documented there
-(`hydra.launcher.partition=...`, `timeout_min`, `max_num_timeout`, `additional_parameters`, `setup`...).
-What they add to the plugin's launcher:
+conf/hydra/launcher/{slurm,local}.yaml extend the plugin's `submitit_slurm`/`submitit_local` configs, so
+every key of hydra-submitit-launcher works as documented there (`hydra.launcher.partition=...`,
+`timeout_min`, `max_num_timeout`, `additional_parameters`, `setup`...), and select the classes in
+hydra_plugins/reinforce_cot_launcher/ (Hydra takes launchers only from the hydra_plugins namespace): the
+plugin's launchers with this module's SubmititSweep mixed in. What it adds:
 
 - Before anything is submitted, the request is checked against what `sinfo` says the partition has
   (partition exists; CPUs, memory and GPUs per node; node count; time limit) and against
@@ -194,7 +193,7 @@ class SubmititSweep:
             self._preflight()
         except ConfigError as e:
             _exit_with(e)
-        os.environ.setdefault("RCOT_SWEEP_COMMAND", shlex.join(["python", *sys.argv]))  # jobs inherit it
+        os.environ["RCOT_SWEEP_COMMAND"] = shlex.join(["python", *sys.argv])  # jobs inherit the environment
         executor = self._executor()
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
