@@ -79,4 +79,4 @@ def test_jsonl_rows(train, tmp_path, bad, needle):
 
 
 def test_jsonl_path_is_required(train):
-    _check(train("data=jsonl"), "data.train.path is required")
+    _check(train("data=jsonl"), "data.test.path, data.train.path: required")

@@ -3,6 +3,8 @@ a complete run dir."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from safetensors.torch import load_file
 
@@ -57,9 +59,8 @@ def test_rl_smoke_from_sft(train, sft_checkpoint, algo):
     assert _changed(sft_checkpoint, final)
     logged = {k for h in run.result(f"01_{algo}.json")["log_history"] for k in h}
     assert {"rewards/accuracy/mean", "rewards/format/mean"} <= logged  # each component on its own
-    assert (run.dir / "backup/stages" / f"01_{algo}.yaml").read_text().count(
-        "importance_sampling_level: " + ("sequence" if algo == "gspo" else "token")
-    ) == 1
+    trl_args = json.loads((final / "training_args.json").read_text())  # what TRL really ran with
+    assert trl_args["importance_sampling_level"] == ("sequence" if algo == "gspo" else "token")
 
 
 def test_text_model_on_text_data(train):
@@ -67,3 +68,39 @@ def test_text_model_on_text_data(train):
     assert run.returncode == 0, run
     _assert_run_dir(run, "01_sft")
     assert "Qwen2ForCausalLM" in (run.dir / "output.log").read_text()
+
+
+def test_wandb_offline_logs_into_the_run_dir(train):
+    run = train(
+        "recipe=single", "algo=sft", "reward=none", "debug=smoke", "logger=wandb", env={"WANDB_MODE": "offline"}
+    )
+    assert run.returncode == 0, run
+    offline = list((run.dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert offline and offline[0].stat().st_size > 0
+    assert list((run.dir / "tensorboard" / "01_sft").glob("events.out.tfevents.*"))  # both loggers
+
+
+def test_multirun_gives_each_job_its_own_run_dir(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "seed=0,1", "recipe=single", "algo=sft", "reward=none"]
+    cmd += ["debug=smoke", "eval.k=0", f"hydra.sweep.dir={tmp_path}/sweep"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job, seed in (("0", 0), ("1", 1)):
+        d = tmp_path / "sweep" / job
+        assert (d / "ckpt/01_sft/final/model.safetensors").is_file() and (d / "output.log").is_file()
+        assert f"seed: {seed}" in (d / "backup/config.yaml").read_text()
+        assert (d / "result/summary.json").is_file()
+
+
+def test_runs_started_in_the_same_second_get_their_own_dirs(tmp_path):
+    from reinforce_cot.rundir import resolve_run_dir
+
+    fresh = str(tmp_path / "outputs" / "20260101_120000_quickstart")
+    first, second = resolve_run_dir(None, fresh), resolve_run_dir(None, fresh)
+    assert (first, second) == (fresh, fresh + "_2")
+    assert resolve_run_dir(first, "ignored") == first  # resume reuses the folder

@@ -22,8 +22,10 @@ def _looks_local(path: str) -> bool:
 def validate(cfg) -> None:
     missing = OmegaConf.missing_keys(cfg)
     if missing:
-        key = sorted(missing)[0]
-        raise ConfigError(f"{key} is required (???) but not set; add {key}=<value> to the command line")
+        keys = sorted(missing)
+        raise ConfigError(
+            f"{', '.join(keys)}: required (???) but not set; add {keys[0]}=<value> ... to the command line"
+        )
     m, d, a = cfg.model, cfg.data, cfg.algo
     if d.modality == "image" and m.kind != "vlm":
         raise ConfigError(

@@ -26,11 +26,25 @@ from reinforce_cot.errors import ConfigError
 
 
 def resolve_run_dir(resume, fresh: str) -> str:
-    """Hydra's run dir: the run dir being resumed, else a fresh timestamped one."""
-    return str(Path(resume).expanduser().resolve()) if resume else fresh
+    """Hydra's run dir: the run dir being resumed, else a fresh timestamped one.
+
+    A fresh dir is claimed with an exclusive mkdir: two runs started in the same second (the name's
+    resolution) get `<name>` and `<name>_2` instead of sharing, and resuming, one folder."""
+    if resume:
+        return str(Path(resume).expanduser().resolve())
+    Path(fresh).parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        candidate = fresh if n == 1 else f"{fresh}_{n}"
+        try:
+            Path(candidate).mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not claim a run dir next to {fresh}")
 
 
-OmegaConf.register_new_resolver("rc.run_dir", resolve_run_dir, replace=True)
+# use_cache: Hydra may resolve hydra.run.dir more than once; the claim must happen once per process
+OmegaConf.register_new_resolver("rc.run_dir", resolve_run_dir, replace=True, use_cache=True)
 
 
 def stage_id(index: int, name: str) -> str:

@@ -33,6 +33,17 @@ def last_checkpoint(ckpt_dir: Path) -> str | None:
     return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
 
 
+def _logger_env(cfg, run_dir: Path, sid: str) -> None:
+    """Point TRL's logger callbacks at the run dir (they read these variables when created)."""
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard" / sid)
+    if "wandb" in cfg.logger.report_to:
+        os.environ["WANDB_DIR"] = str(run_dir)
+        os.environ["WANDB_PROJECT"] = cfg.logger.project
+        os.environ["WANDB_MODE"] = cfg.logger.mode
+        if cfg.logger.get("entity"):
+            os.environ["WANDB_ENTITY"] = cfg.logger.entity
+
+
 def train_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: dict | None = None) -> dict:
     """Train one stage; returns (and writes to result/<sid>.json) its summary."""
     from transformers import set_seed
@@ -47,7 +58,7 @@ def train_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: dict | None
     processing_class = models.load_processing_class(path, cfg.model)
     model = models.load_model(path, cfg.model)
 
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard" / sid)
+    _logger_env(cfg, run_dir, sid)
     args = instantiate(cfg.algo.args, output_dir=str(ckpt_dir), run_name=f"{run_dir.name}/{sid}")
     kwargs = dict(model=model, args=args, train_dataset=train_ds, processing_class=processing_class)
     if cfg.algo.kind == "rl":
@@ -66,6 +77,9 @@ def train_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: dict | None
     trainer.save_model(str(final))
     if trainer.is_world_process_zero():
         processing_class.save_pretrained(str(final))
+        # final/ holds safetensors and JSON only: the pickled TrainingArguments become readable JSON
+        (final / "training_args.bin").unlink(missing_ok=True)
+        (final / "training_args.json").write_text(args.to_json_string())
     summary = {
         "stage": sid,
         "algo": cfg.algo.name,
