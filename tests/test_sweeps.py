@@ -198,6 +198,8 @@ def test_time_limit_requeues_and_resumes(slurm, tmp_path):
     assert resumed.parent == run_dir / "ckpt" / "01_sft" and resumed.name.startswith("checkpoint-")
     assert loss_steps(train) == list(range(1, REQUEUE_STEPS + 1))  # nothing lost, nothing twice
     log = (run_dir / "output.log").read_text()
+    run_dirs = re.findall(r"run dir: (\S+)", log)  # hydra.runtime.output_dir of every run of the job
+    assert len(run_dirs) == len(starts) and set(run_dirs) == {str(run_dir)}
     assert log.count("resuming from") == len(starts) - 1
     assert len(list((run_dir / "backup").glob("resume-*/overrides.yaml"))) >= 1
     assert (run_dir / "result" / "summary.json").exists()
