@@ -102,3 +102,86 @@ def sft_text_checkpoint(tmp_path_factory) -> Path:
     )
     assert run.returncode == 0, run
     return run.dir / "ckpt" / "01_sft" / "final"
+
+
+def slurm_skip_reason() -> str | None:
+    """Why the `slurm` tests cannot run here, or None: slurm/local_cluster.sh needs root, and Slurm's
+    Debian packages or apt-get to install them."""
+    import shutil
+
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return "needs root: slurm/local_cluster.sh runs the Slurm daemons as SlurmUser=root"
+    if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
+        return "Slurm is not installed and apt-get is unavailable to install it"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> dict:
+    """A running single-node Slurm (slurm/local_cluster.sh) for the whole session; returns the environment
+    for its clients (SLURM_CONF). Started here when down, and then stopped at the end of the session."""
+    reason = slurm_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    script = ["bash", str(ROOT / "slurm" / "local_cluster.sh")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    was_up = subprocess.run([*script, "status"], env=env, capture_output=True).returncode == 0
+    # the first start on a bare machine installs the packages (apt-get): allow for it
+    started = subprocess.run([*script, "start"], env=env, capture_output=True, text=True, timeout=900)
+    if started.returncode != 0:
+        pytest.fail(f"slurm/local_cluster.sh start failed:\n{started.stderr}")
+    out = subprocess.run([*script, "env"], env=env, capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        key, _, value = line.removeprefix("export ").partition("=")
+        env[key] = value
+    yield env
+    if not was_up:
+        subprocess.run([*script, "stop"], env=env, capture_output=True, timeout=120)
+
+
+class Sweep:
+    """A finished `python train.py -m ...`: exit code, output, the sweep folder and its job run dirs."""
+
+    def __init__(self, proc: subprocess.CompletedProcess, root: Path):
+        self.returncode, self.stdout, self.stderr = proc.returncode, proc.stdout, proc.stderr
+        found = sorted(p.parent for p in root.rglob("multirun.yaml"))  # Hydra writes it in the sweep folder
+        self.dir = found[-1] if found else None
+
+    def job(self, num: int) -> Path:
+        return self.dir / str(num)
+
+    def jobs(self) -> list[Path]:
+        return sorted((p for p in self.dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+
+    def result(self, num: int, name: str) -> dict:
+        return json.loads((self.job(num) / "result" / name).read_text())
+
+    def __repr__(self):
+        return f"Sweep(rc={self.returncode}, dir={self.dir})\nSTDOUT:\n{self.stdout[-4000:]}\nSTDERR:\n{self.stderr[-4000:]}"
+
+
+def sweep_env(extra: dict | None = None) -> dict:
+    """The environment of a sweep's driver, which its jobs inherit (sbatch exports it): this checkout's
+    src/ first, so jobs import the code under test."""
+    env = {**os.environ, **(extra or {})}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def run_sweep(tmp_path: Path, *overrides: str, timeout: int = 600, env: dict | None = None, wait=None) -> Sweep:
+    """`python train.py -m <overrides>` from tmp_path (so multirun/ lands there). `wait(proc)`, if given, runs
+    while the sweep does (to act on a running job)."""
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", f"output_root={tmp_path / 'outputs'}", *overrides]
+    out, err = tmp_path / "driver.out", tmp_path / "driver.err"  # files, not pipes: nobody reads them meanwhile
+    with open(out, "w") as fo, open(err, "w") as fe:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=fo, stderr=fe, text=True, env=sweep_env(env))
+        try:
+            if wait is not None:
+                wait(proc)
+            proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    done = subprocess.CompletedProcess(cmd, proc.returncode, out.read_text(), err.read_text())
+    return Sweep(done, tmp_path)

@@ -130,7 +130,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     if resuming:
         rundir.check_resumable(run_dir)
         stage_cfgs = {p.stem: OmegaConf.load(p) for p in sorted((run_dir / "backup" / "stages").glob("*.yaml"))}
-        if hardware.is_main():
+        if hardware.is_main():  # other ranks write nothing to the run dir
             rundir.note_resume(run_dir, overrides)
         log.info("resuming %s: stages %s", run_dir, list(stage_cfgs))
     else:

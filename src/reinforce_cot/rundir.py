@@ -21,6 +21,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from reinforce_cot.cluster import command_line
 from reinforce_cot.errors import ConfigError
 
 
@@ -68,10 +69,12 @@ def write_provenance(run_dir: Path, cfg, overrides: list[str], stage_cfgs: dict)
     """Resolved config, overrides, each stage's composed config, git commit + dirty diff, packages."""
     backup = run_dir / "backup"
     (backup / "stages").mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, backup / "config.yaml", resolve=True)
     (backup / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
     for sid, scfg in stage_cfgs.items():
         OmegaConf.save(scfg, backup / "stages" / f"{sid}.yaml", resolve=True)
+    # config.yaml marks a run dir as resumable, so it comes after the stage configs a resume reads back: a
+    # job preempted in between (Slurm requeue) then starts afresh instead of resuming with stages missing.
+    OmegaConf.save(cfg, backup / "config.yaml", resolve=True)
     repo = Path(__file__).resolve().parents[2]
     commit = _git("-C", str(repo), "rev-parse", "HEAD").strip() or "unknown (not a git checkout)"
     status = _git("-C", str(repo), "status", "--porcelain")
@@ -79,7 +82,7 @@ def write_provenance(run_dir: Path, cfg, overrides: list[str], stage_cfgs: dict)
     (backup / "git_diff.patch").write_text(_git("-C", str(repo), "diff", "HEAD"))
     freeze = subprocess.run([sys.executable, "-m", "pip", "freeze"], capture_output=True, text=True).stdout
     (backup / "pip_freeze.txt").write_text(freeze)
-    (backup / "command.txt").write_text(" ".join(sys.argv) + "\n")
+    (backup / "command.txt").write_text(command_line())
 
 
 def note_resume(run_dir: Path, overrides: list[str]) -> None:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +125,12 @@ def build(model_cfg) -> Path:
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(tmp)
-    tmp.rename(folder)  # atomic: a half-written folder is never taken for a built one
+    try:
+        tmp.rename(folder)  # atomic: a half-written folder is never taken for a built one
+    except OSError:
+        if not (folder / "config.json").exists():
+            raise
+        shutil.rmtree(tmp)  # a parallel job of a sweep, or another rank of this job, built it first
     return folder
 
 
