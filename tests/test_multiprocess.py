@@ -103,3 +103,19 @@ def test_bad_hardware_settings_fail_at_validation(overrides, message):
         pass
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("+", r"\+")):
         config.validate(_compose(*overrides))
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_with_lora_merges_and_evaluates_on_rank0(train):
+    # Regression: under ZeRO-3, from_pretrained partitions every new model across ranks (a collective),
+    # so rank 0 loading the base to merge the adapter, or a model to evaluate, hung while rank 1 waited
+    # at the barrier (hardware.local_loading lifts that for rank-0-only work).
+    run = train(
+        *SFT, "hardware=cpu_zero2", "peft=lora", "algo.args.deepspeed=${rc.conf:deepspeed/zero3.json}", timeout=600
+    )
+    assert run.returncode == 0, run
+    res = run.result("01_sft.json")
+    assert res["ranks"] == [0, 1] and res["distributed_type"] == "DEEPSPEED"
+    assert (run.dir / "ckpt/01_sft/merged/model.safetensors").is_file()
+    assert (run.dir / "ckpt/01_sft/final/adapter_model.safetensors").is_file()
+    assert run.result("summary.json")["rows"][0]["stage"] == "01_sft"

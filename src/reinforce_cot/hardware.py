@@ -29,6 +29,7 @@ by default ~/.cache/reinforce_cot/torch_extensions, so later runs and the tests 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -75,6 +76,23 @@ def ranks_that_ran() -> list[int]:
     from accelerate.utils import gather_object
 
     return sorted(gather_object([rank()]))
+
+
+@contextlib.contextmanager
+def local_loading():
+    """Load models on this process alone, even inside a DeepSpeed ZeRO-3 run.
+
+    While a ZeRO-3 TrainingArguments lives, transformers' from_pretrained partitions every new model
+    across all ranks (zero.Init), a collective: rank 0 loading a model for evaluation or merging while
+    the others wait at a barrier would hang forever. The ZeRO-3 marker is lifted for the block."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
 def needs_launch(cfg) -> bool:

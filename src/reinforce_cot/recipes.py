@@ -159,8 +159,11 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         log.info("[%s] start: %s%s", sid, scfg.stage.kind, "" if scfg.stage.kind in ALL_RANKS else " (on rank 0)")
         stage_splits = _load_checked(scfg, splits)
         stage_fn = stage_kinds()[scfg.stage.kind]
-        if scfg.stage.kind in ALL_RANKS or hardware.is_main():
+        if scfg.stage.kind in ALL_RANKS:
             results[sid] = stage_fn(scfg, run_dir, sid, stage_splits, results)
+        elif hardware.is_main():
+            with hardware.local_loading():  # no ZeRO-3 partitioning of models loaded by rank 0 alone
+                results[sid] = stage_fn(scfg, run_dir, sid, stage_splits, results)
         else:  # evaluate, merge, ...: rank 0 alone; the others wait below
             results[sid] = {"stage": sid, "ran_on_rank": 0}
         hardware.barrier()  # later stages read what this one wrote (merged/, result/)

@@ -101,7 +101,8 @@ def train_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: dict | None
     if adapters.enabled(cfg) and cfg.peft.get("merge", True) and trainer.is_world_process_zero():
         from reinforce_cot.merge import merge_adapter
 
-        merged = str(merge_adapter(final, ckpt_dir / "merged", cfg.model.dtype))
+        with hardware.local_loading():  # rank 0 alone: no ZeRO-3 partitioning of the base it loads
+            merged = str(merge_adapter(final, ckpt_dir / "merged", cfg.model.dtype))
     summary = {
         "stage": sid,
         "algo": cfg.algo.name,
