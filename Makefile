@@ -3,6 +3,9 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 1
+# Two workers: most tests wait on one single-threaded training subprocess, so 2 cores halve the wall time.
+# Slurm tests share one local cluster and stay on one worker (xdist_group, tests/conftest.py).
+PYTEST_ARGS ?= -n 2 --dist loadgroup
 
 .PHONY: help venv train test test-fast lint format bench clean
 

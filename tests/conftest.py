@@ -29,6 +29,14 @@ def _env(tmp_path_factory):
     yield
 
 
+def pytest_collection_modifyitems(items):
+    # One local Slurm cluster serves the whole session: keep its tests on one xdist worker, so one worker
+    # starts it and stops it, and none stops it under another.
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+
+
 class Run:
     """A finished `python train.py` call: exit code, output, and its run dir."""
 
