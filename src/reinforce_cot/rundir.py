@@ -4,6 +4,7 @@
       backup/       config.yaml (resolved), overrides.yaml, stages/NN_name.yaml, git.txt + git_diff.patch,
                     pip_freeze.txt; resume-<time>/ for every resume
       ckpt/NN_name/ checkpoint-<step>/ (resumable), final/ (safetensors + processor), merged/ (peft)
+      data/NN_name/ datasets a curate or rejection_sample stage wrote (JSONL + images/, report.json)
       result/       NN_name.json per stage, summary.json + summary.md (the table), plots
       tensorboard/NN_name/   event files
       output.log    the run's log (Hydra's file handler)
