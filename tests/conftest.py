@@ -82,6 +82,28 @@ def sft_checkpoint(tmp_path_factory) -> Path:
     return run.dir / "ckpt" / "01_sft" / "final"
 
 
+@pytest.fixture(scope="session")
+def sft_text_checkpoint(tmp_path_factory) -> Path:
+    """The text twin of `sft_checkpoint`: tiny_lm after a short SFT on arithmetic (~15 s), so that RL on a
+    text model has completions that differ in reward (measured: format reward mean 0.14, 62% of groups
+    with non-zero reward spread)."""
+    tmp = tmp_path_factory.mktemp("sft_text")
+    run = run_train(
+        tmp,
+        "recipe=single",
+        "algo=sft",
+        "reward=none",
+        "model=tiny_lm",
+        "data=arithmetic",
+        "data.train.n=1200",
+        "algo.args.per_device_train_batch_size=16",
+        "eval.max_prompts=16",
+        "eval.k=2",
+    )
+    assert run.returncode == 0, run
+    return run.dir / "ckpt" / "01_sft" / "final"
+
+
 def slurm_skip_reason() -> str | None:
     """Why the `slurm` tests cannot run here, or None: slurm/local_cluster.sh needs root, and Slurm's
     Debian packages or apt-get to install them."""

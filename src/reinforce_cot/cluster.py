@@ -37,11 +37,6 @@ from reinforce_cot.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def is_main_process() -> bool:
-    """True on global rank 0, and in any single-process run (RANK as torchrun and `setup_job` export it)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 @dataclass(frozen=True)
 class Tasks:
     """What a job's tasks know about themselves (from submitit.JobEnvironment)."""

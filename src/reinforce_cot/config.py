@@ -12,6 +12,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from reinforce_cot import adapters, hardware, parts  # hardware and parts also register rc.conf / rc.mul
 from reinforce_cot.errors import ConfigError
 
 
@@ -38,11 +39,21 @@ def validate(cfg) -> None:
     from_stage = (cfg.get("stage") or {}).get("init_from")  # made by an earlier stage of this run
     if m.get("init_from") and not from_stage and not Path(str(m.init_from)).expanduser().exists():
         raise ConfigError(f"model.init_from={m.init_from} does not exist; point it at a checkpoint folder or run dir")
+    from reinforce_cot import generation
+
+    generation.validate(cfg)  # the backend's packages (vllm) and server settings
+    if (cfg.get("stage") or {}).get("kind") == "rejection_sample":
+        from reinforce_cot import rejection
+
+        rejection.validate(cfg)
     if cfg.eval.k < 0:
         raise ConfigError(f"eval.k={cfg.eval.k} must be >= 0 (samples per prompt; 0 skips sampled metrics)")
     if a.kind == "rl":
         _validate_rl(cfg)
+    hardware.validate(cfg)  # GPU-only settings (CUDA, vLLM, qlora + vLLM, DeepSpeed), before TRL's bf16 check
     instantiate(a.args, output_dir="/tmp/reinforce_cot_validate", _convert_="all")  # TRL's own checks
+    adapters.validate(cfg)  # peft targets match modules; qlora needs CUDA + bitsandbytes
+    parts.validate(cfg)  # model.freeze / optim.lr_multipliers name existing parts
 
 
 def _validate_rl(cfg) -> None:

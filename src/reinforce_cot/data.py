@@ -7,6 +7,7 @@ conversational columns for the chosen algorithm:
 
 - sft: `prompt` + `completion` (the `<think>reasoning</think><answer>answer</answer>` target)
 - grpo/rloo: `prompt` (+ every other column, which TRL hands to reward functions)
+- preference (dpo): `prompt`, `chosen`, `rejected` (rows must carry the pair; see reinforce_cot.preference)
 
 Images travel as a single-image `image` column, which TRL's SFT, GRPO and RLOO trainers all accept.
 
@@ -127,8 +128,9 @@ def arithmetic_rows(n: int, seed: int, max_value: int = 99) -> list[dict[str, An
 # ---------------------------------------------------------------------------- local JSONL files
 def jsonl_rows(path: str, image_folder: str | None, fields: dict[str, str]) -> list[dict[str, Any]]:
     """Rows of a JSONL file in the seeds' format: image (relative to `image_folder`), question, answer,
-    reasoning. A row without a question or answer, or whose image is missing or not an image, stops the
-    load with an error that names the file, the line and the fix."""
+    reasoning; any other key (id, difficulty, pass_rate, ...) is kept as a column. A row without a question
+    or answer, or whose image is missing or not an image, stops the load with an error that names the
+    file, the line and the fix."""
     from PIL import Image, UnidentifiedImageError
 
     p = Path(path).expanduser()
@@ -166,8 +168,13 @@ def jsonl_rows(path: str, image_folder: str | None, fields: dict[str, str]) -> l
                 raise ConfigError(f"{where}: {img_path} is not an image; replace the file or drop the row") from None
         else:
             row.pop("image", None)
+        for key in ("chosen", "rejected"):  # optional preference pair (for algo=dpo)
+            if key in row and row[key] is None:
+                del row[key]
+        for key, value in rec.items():  # other columns (id, difficulty, pass_rate, ...) travel with the row
+            if key not in fields.values():
+                row.setdefault(key, value)
         row.setdefault("id", f"{p.stem}-{lineno}")
-        row["difficulty"] = rec.get("difficulty", 0)
         rows.append(row)
     if not rows:
         raise ConfigError(f"data.path={path}: the file holds no rows; add rows or pick another dataset")
@@ -197,6 +204,14 @@ def format_split(rows: list[dict], data_cfg, algo_kind: str, with_image: bool):
         rec["prompt"] = prompt_messages(row, data_cfg.prompt_template, data_cfg.system_prompt, with_image)
         if algo_kind == "sft":
             rec["completion"] = [{"role": "assistant", "content": target(row)}]
+        if algo_kind == "preference":  # DPO takes only the pair (other columns would be dropped anyway)
+            from reinforce_cot.preference import as_messages
+
+            rec = {
+                "prompt": rec["prompt"],
+                "chosen": as_messages(row["chosen"]),
+                "rejected": as_messages(row["rejected"]),
+            }
         if with_image:
             rec["image"] = row["image"]
         out.append(rec)

@@ -5,6 +5,7 @@
     python train.py algo=gspo hardware=1xa100 model=qwen2_5_vl_3b
     python train.py resume=outputs/20260101_120000_quickstart
     python train.py -m algo=grpo,gspo seed=0,1        # a sweep: one run dir per job under multirun/
+    python train.py hardware=cpu_ddp2                 # 2 processes: re-executed under torchrun (hardware.py)
     python train.py -m algo=grpo,gspo seed=0,1 hardware=slurm_1node_8gpu   # the same sweep on Slurm (slurm/sweeps.md)
 
 Flow: compose -> validate every stage (before any weights load) -> run dir + provenance -> stages
@@ -23,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from reinforce_cot import recipes
+from reinforce_cot import hardware, recipes
 from reinforce_cot.cluster import quiet_other_ranks, setup_job
 from reinforce_cot.errors import ConfigError
 
@@ -45,10 +46,17 @@ def main(cfg: DictConfig):
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     _route_library_logs()
-    quiet_other_ranks(run_dir)  # in a multi-task job, output.log is rank 0's
-    log.info("run dir: %s", run_dir)
+    quiet_other_ranks(run_dir)  # a submitit task other than the first: output.log is rank 0's
     try:
         setup_job(cfg, run_dir)  # in a submitit job: torch.distributed env from its tasks
+        hardware.default_env()
+        hardware.setup_process_logging()  # ranks > 0 log to the console only
+        log.info("run dir: %s", run_dir)
+        if hardware.needs_launch(cfg):  # N processes under torchrun, same run dir (reinforce_cot.hardware)
+            code = hardware.launch(cfg, run_dir, list(hc.overrides.task))
+            if code and hc.mode != RunMode.MULTIRUN:
+                raise SystemExit(code)
+            return {"status": "failed" if code else "ok", "processes": cfg.hardware.num_processes}
         return recipes.run(cfg, run_dir, list(hc.overrides.task))
     except ConfigError as e:
         log.error("error: %s", e)

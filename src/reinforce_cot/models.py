@@ -76,14 +76,15 @@ def load_processing_class(path: str, model_cfg):
     return processor
 
 
-def load_model(path: str, model_cfg):
-    """`from_pretrained` with the configured dtype and attention; VLMs via AutoModelForImageTextToText."""
+def load_model(path: str, model_cfg, **kwargs):
+    """`from_pretrained` with the configured dtype and attention; VLMs via AutoModelForImageTextToText.
+    `kwargs` go to from_pretrained too (QLoRA's quantization_config and device_map)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     auto = AutoModelForImageTextToText if model_cfg.kind == "vlm" else AutoModelForCausalLM
     dtype = getattr(torch, model_cfg.dtype) if model_cfg.dtype != "auto" else "auto"
-    model = auto.from_pretrained(path, dtype=dtype, attn_implementation=model_cfg.attn_implementation)
+    model = auto.from_pretrained(path, dtype=dtype, attn_implementation=model_cfg.attn_implementation, **kwargs)
     n = sum(p.numel() for p in model.parameters())
     log.info("loaded %s from %s: %.2f M parameters", type(model).__name__, path, n / 1e6)
     return model

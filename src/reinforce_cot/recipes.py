@@ -13,7 +13,20 @@ they were written for the algo you chose. `init_from: <stage>` starts from that 
 final/ checkpoint. All stage configs are composed and validated, and the data loaded, before any
 weights load; they are saved to backup/stages/ so that `resume=<run dir>` replays exactly them.
 
-Stage kinds: train (any algo), evaluate (every earlier train stage's final model on the test split).
+Stage kinds: train (any algo), curate (pass rates, difficulty buckets and the easy-to-hack filter:
+reinforce_cot.curation), rejection_sample (k chains per prompt from the stage's model, verified,
+written as SFT/DPO datasets: reinforce_cot.rejection), merge (LoRA merge or weight averaging of earlier
+stages; reinforce_cot.merge), evaluate (every earlier train or merge stage's model on the test split:
+metrics JSON, plots, samples.html, a comparison table and plot).
+
+A stage trains on data an earlier stage made with `data_from: <stage name>[/<dataset>]`: it is composed
+with data=jsonl on run_dir/data/<that stage id>/<dataset>.jsonl (default: train after a curate stage;
+else dpo for preference algos, sft otherwise) and that folder's test.jsonl and images/, keeping the
+source stage's prompt template, modality and reasoning settings. Such data is loaded when the stage
+starts, since it does not exist before the run:
+
+      - {name: rs, kind: rejection_sample, init_from: sft}
+      - {name: dpo, kind: train, init_from: sft, data_from: rs, overrides: [algo=dpo]}
 """
 
 from __future__ import annotations
@@ -27,8 +40,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from reinforce_cot import config as config_lib
 from reinforce_cot import data as data_lib
-from reinforce_cot import rundir
-from reinforce_cot.cluster import is_main_process
+from reinforce_cot import hardware, merge, parts, preference, rundir  # noqa: F401  (parts registers rc.mul)
 from reinforce_cot.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -52,6 +64,10 @@ def compose_stages(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict
         own = list(stage.get("overrides") or [])
         chosen = {g for g in map(_group_of, own) if g}
         keep = [o for o in user if o.lstrip("+~").split("=", 1)[0].split(".")[0] not in chosen]
+        if stage.get("data_from"):  # data an earlier stage writes: data=jsonl, paths filled in below
+            own = [*own, "data=jsonl"]
+            chosen.add("data")
+            keep = [o for o in user if o.lstrip("+~").split("=", 1)[0].split(".")[0] not in chosen]
         scfg = compose(config_name="train", overrides=keep + own) if own else cfg.copy()
         with open_dict(scfg):
             scfg.stage = {"id": sid, "name": stage.name, "kind": stage.kind}
@@ -63,8 +79,10 @@ def compose_stages(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict
                     )
                 scfg.model.init_from = str(run_dir / "ckpt" / by_name[stage.init_from])
                 scfg.stage.init_from = stage.init_from
+            if stage.get("data_from"):
+                _use_data_from(scfg, stage, by_name, ids, sid, run_dir, out)
             if stage.kind == "evaluate":
-                scfg.stage.targets = [i for i, s in zip(ids, stages) if s.kind == "train" and i < sid]
+                scfg.stage.targets = [i for i, s in zip(ids, stages) if s.kind in ("train", "merge") and i < sid]
         if stage.get("algo_kind") and scfg.algo.kind != stage.algo_kind:
             raise ConfigError(
                 f"recipe={cfg.recipe.name}: stage '{stage.name}' needs an algo of kind {stage.algo_kind}, "
@@ -77,10 +95,22 @@ def compose_stages(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict
     return out
 
 
+def instantiate_rows(node) -> list[dict]:
+    """`instantiate` a split; a loader's ConfigError comes out as itself (one line), not wrapped by Hydra."""
+    from hydra.errors import InstantiationException
+
+    try:
+        return instantiate(node)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, ConfigError):
+            raise e.__cause__ from None
+        raise
+
+
 def load_splits(data_cfg) -> dict[str, list[dict]]:
     """Instantiate the train and test rows of a data config; test rows seen in train are dropped."""
-    train = instantiate(data_cfg.train)
-    test = instantiate(data_cfg.test)
+    train = instantiate_rows(data_cfg.train)
+    test = instantiate_rows(data_cfg.test)
     if "layout" in (train[0] if train else {}):
         test = data_lib.disjoint(train, test)
     for split, rows in (("train", train), ("test", test)):
@@ -100,7 +130,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     if resuming:
         rundir.check_resumable(run_dir)
         stage_cfgs = {p.stem: OmegaConf.load(p) for p in sorted((run_dir / "backup" / "stages").glob("*.yaml"))}
-        if is_main_process():  # other ranks of a multi-task job write nothing to the run dir
+        if hardware.is_main():  # other ranks write nothing to the run dir
             rundir.note_resume(run_dir, overrides)
         log.info("resuming %s: stages %s", run_dir, list(stage_cfgs))
     else:
@@ -110,10 +140,13 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         if scfg.stage.kind not in stage_kinds():
             raise ConfigError(f"recipe stage {sid}: unknown kind '{scfg.stage.kind}'; use one of {list(stage_kinds())}")
         config_lib.validate(scfg)
-        key = OmegaConf.to_yaml(scfg.data)
-        if key not in splits:
-            splits[key] = load_splits(scfg.data)
-    if not resuming and is_main_process():
+        if scfg.stage.kind == "merge":
+            merge.validate_stage(scfg, [s.split("_", 1)[1] for s in stage_cfgs if s < sid])
+    for scfg in stage_cfgs.values():  # every stage's config was checked first: a bad one fails before any data loads
+        if not scfg.stage.get("data_from"):  # data_from: made by an earlier stage, loaded when it starts
+            _load_checked(scfg, splits)
+    hardware.barrier()  # every rank has decided `resuming` before rank 0 writes backup/
+    if not resuming and hardware.is_main():
         rundir.write_provenance(run_dir, cfg, overrides, stage_cfgs)
 
     results: dict[str, dict] = {}
@@ -123,55 +156,102 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
             log.info("[%s] already done (%s), skipping", sid, done)
             results[sid] = OmegaConf.to_container(OmegaConf.load(done))
             continue
-        if scfg.stage.kind != "train" and not is_main_process():
-            log.info("[%s] %s runs on rank 0 only", sid, scfg.stage.kind)  # only train stages are distributed
-            continue
-        log.info("[%s] start: %s", sid, scfg.stage.kind)
+        log.info("[%s] start: %s%s", sid, scfg.stage.kind, "" if scfg.stage.kind in ALL_RANKS else " (on rank 0)")
+        stage_splits = _load_checked(scfg, splits)
         stage_fn = stage_kinds()[scfg.stage.kind]
-        results[sid] = stage_fn(scfg, run_dir, sid, splits[OmegaConf.to_yaml(scfg.data)], results)
+        if scfg.stage.kind in ALL_RANKS or hardware.is_main():
+            results[sid] = stage_fn(scfg, run_dir, sid, stage_splits, results)
+        else:  # evaluate, merge, ...: rank 0 alone; the others wait below
+            results[sid] = {"stage": sid, "ran_on_rank": 0}
+        hardware.barrier()  # later stages read what this one wrote (merged/, result/)
     return results
+
+
+ALL_RANKS = {"train"}  # stage kinds every process runs (multi-process training); the rest run on rank 0 only
+
+
+def _load_checked(scfg, splits: dict) -> dict:
+    """A stage's splits, loaded once per distinct data config, with the data-dependent checks (pairs for
+    preference algos, reward and sampler columns) run before any weights load."""
+    from reinforce_cot import rewards, sampling
+
+    key = OmegaConf.to_yaml(scfg.data)
+    if key not in splits:
+        splits[key] = load_splits(scfg.data)
+    train = splits[key]["train"]
+    if scfg.algo.kind == "preference":
+        preference.check_pairs(train, scfg.data.name, scfg.algo.name)
+    rewards.check(scfg, train)
+    sampling.check(scfg, train)
+    return splits[key]
 
 
 def stage_kinds() -> dict:
     """What each recipe stage `kind` runs: fn(cfg, run_dir, stage_id, splits, earlier_results) -> dict."""
-    from reinforce_cot import training
+    from reinforce_cot import curation, rejection, training
 
     return {
         "train": training.train_stage,
+        "rejection_sample": rejection.rejection_sample_stage,
         "evaluate": evaluate_stage,
+        "curate": curation.curate_stage,
+        "merge": merge.merge_stage,
     }
 
 
-def evaluate_stage(cfg, run_dir: Path, sid: str, splits: dict, results: dict) -> dict:
-    """Evaluate each earlier train stage's final model; write result/summary.{json,md} and print it."""
-    from reinforce_cot import evaluation, models
+DATA_FROM_KEYS = ("modality", "prompt_template", "system_prompt", "max_completion_length", "reasoning")
 
+
+def _use_data_from(scfg, stage, by_name: dict, ids: list, sid: str, run_dir: Path, composed: dict) -> None:
+    """Point a stage's data=jsonl at run_dir/data/<source stage>/ (see the module docstring)."""
+    name, _, which = str(stage.data_from).partition("/")
+    if name not in by_name or ids.index(by_name[name]) >= ids.index(sid):
+        raise ConfigError(
+            f"recipe.stages[{stage.name}].data_from={stage.data_from}: not an earlier stage; "
+            f"use one of {list(by_name)[: ids.index(sid)]}"
+        )
+    src = by_name[name]
+    if not which:  # a curate stage writes train.jsonl; a rejection_sample stage sft.jsonl and dpo.jsonl
+        which = (
+            "train" if composed[src].stage.kind == "curate" else ("dpo" if scfg.algo.kind == "preference" else "sft")
+        )
+    folder = run_dir / "data" / src
+    for key in DATA_FROM_KEYS:  # the prompts the source stage sampled with, and how its chains read
+        if key in composed[src].data:
+            scfg.data[key] = composed[src].data[key]
+    for split in ("train", "test"):  # drop loader arguments meant for the source data (debug=smoke's n)
+        for key in [k for k in scfg.data[split] if k not in ("_target_", "path", "image_folder", "fields")]:
+            del scfg.data[split][key]
+    scfg.data.train.path = str(folder / f"{which}.jsonl")
+    scfg.data.test.path = str(folder / "test.jsonl")
+    scfg.data.image_folder = str(folder / "images") if scfg.data.modality == "image" else None
+    scfg.stage.data_from = f"{src}/{which}"
+
+
+def evaluate_stage(cfg, run_dir: Path, sid: str, splits: dict, results: dict) -> dict:
+    """Evaluate each earlier train stage's final model: result/eval_<stage>.json + eval_<stage>/ (plots,
+    samples.html), then one table (result/summary.{json,md}, printed) and one plot (result/compare.png)."""
+    from reinforce_cot import evaluation, generation, models, report
+
+    out = run_dir / "result"
     rows = []
     for target in cfg.stage.targets:
         t0 = time.time()
         path = str(models.checkpoint_folder(str(run_dir / "ckpt" / target)))
-        processing_class = models.load_processing_class(path, cfg.model)
-        model = models.load_model(path, cfg.model)
-        metrics = evaluation.evaluate(model, processing_class, splits["test"], cfg)
-        rundir.write_json(run_dir / "result" / f"eval_{target}.json", {"checkpoint": path, **metrics})
+        with generation.load(cfg, path, cache_dir=out / f"eval_{target}") as backend:
+            metrics = evaluation.evaluate_backend(backend, splits["test"], cfg, out, label=target)
         train = results.get(target) or {}
-        rows.append(
-            {
-                "stage": target,
-                "greedy_acc": metrics["greedy_accuracy"],
-                "sampled_acc": metrics.get("sampled_accuracy"),
-                "format_rate": metrics["format_rate"],
-                "mean_len": metrics["mean_completion_tokens"],
-                "train_s": train.get("wall_seconds"),
-                "eval_s": round(time.time() - t0, 1),
-            }
-        )
+        row = {"stage": target} | evaluation.table_row(target, metrics)
+        row.pop("model")
+        rows.append(row | {"train_s": train.get("wall_seconds"), "eval_s": round(time.time() - t0, 1)})
     table = format_table(rows)
     log.info("results on %d held-out prompts:\n%s", min(len(splits["test"]), cfg.eval.max_prompts), table)
     summary = {"stage": sid, "rows": rows}
-    (run_dir / "result" / "summary.md").write_text(table + "\n")
-    rundir.write_json(run_dir / "result" / "summary.json", summary)
-    rundir.write_json(run_dir / "result" / f"{sid}.json", summary)
+    if rows:
+        summary["plot"] = report.compare([r | {"model": r["stage"]} for r in rows], out / "compare.png")
+    (out / "summary.md").write_text(table + "\n")
+    rundir.write_json(out / "summary.json", summary)
+    rundir.write_json(out / f"{sid}.json", summary)
     return summary
 
 

@@ -1,4 +1,5 @@
-"""One training stage: seed -> data -> model -> rewards -> TRL trainer -> train (auto-resume) -> save.
+"""One training stage: seed -> data -> model (+ freezing) -> rewards -> TRL trainer (+ peft, per-part LRs)
+-> train (auto-resume) -> save (+ LoRA merge).
 
 The algo config names the TRL trainer and mirrors its config dataclass (`algo.trainer`, `algo.args`),
 so this module only wires objects together; what each algorithm does is TRL's. A stage whose
@@ -15,8 +16,8 @@ from pathlib import Path
 
 from hydra.utils import instantiate
 
+from reinforce_cot import adapters, hardware, models, parts, rewards, sampling
 from reinforce_cot import data as data_lib
-from reinforce_cot import models, rewards
 from reinforce_cot.rundir import write_json
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,8 @@ def train_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: dict | None
 
     path = models.resolve_path(cfg.model)
     processing_class = models.load_processing_class(path, cfg.model)
-    model = models.load_model(path, cfg.model)
+    model = models.load_model(path, cfg.model, **adapters.load_kwargs(cfg))
+    parts.freeze(model, cfg)
 
     _logger_env(cfg, run_dir, sid)
     args = instantiate(cfg.algo.args, output_dir=str(ckpt_dir), run_name=f"{run_dir.name}/{sid}")
@@ -66,7 +68,22 @@ def train_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: dict | None
         args.reward_weights = weights
         kwargs["reward_funcs"] = funcs
         log.info("[%s] rewards: %s", sid, dict(zip([f.__name__ for f in funcs], weights)))
-    trainer = instantiate(cfg.algo.trainer)(**kwargs)
+    kwargs.update(adapters.trainer_kwargs(cfg, model))
+    make_trainer = instantiate(cfg.algo.trainer)
+    if cfg.algo.kind == "rl" and (cfg.get("sampler") or {}).get("_target_"):  # not TRL's own order
+        make_trainer = sampling.with_sampler(make_trainer, cfg.sampler)
+        log.info("[%s] sampler: %s", sid, cfg.sampler.name)
+    trainer = make_trainer(**kwargs)
+    parts.install_lr_multipliers(trainer, cfg)
+    log.info("[%s] %s", sid, adapters.describe_trainable(trainer.model))
+    if cfg.algo.kind == "preference" or cfg.algo.args.get("beta"):
+        ref = getattr(trainer, "ref_model", None)
+        where = (
+            type(ref).__name__ + " loaded from " + ref.name_or_path
+            if ref is not None
+            else "the policy, adapter disabled"
+        )
+        log.info("[%s] reference model: %s", sid, where if ref is not None or adapters.enabled(cfg) else "none")
 
     resume_from = last_checkpoint(ckpt_dir)
     if resume_from:
@@ -80,6 +97,11 @@ def train_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: dict | None
         # final/ holds safetensors and JSON only: the pickled TrainingArguments become readable JSON
         (final / "training_args.bin").unlink(missing_ok=True)
         (final / "training_args.json").write_text(args.to_json_string())
+    merged = None
+    if adapters.enabled(cfg) and cfg.peft.get("merge", True) and trainer.is_world_process_zero():
+        from reinforce_cot.merge import merge_adapter
+
+        merged = str(merge_adapter(final, ckpt_dir / "merged", cfg.model.dtype))
     summary = {
         "stage": sid,
         "algo": cfg.algo.name,
@@ -87,7 +109,11 @@ def train_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: dict | None
         "train_metrics": out.metrics,
         "wall_seconds": round(time.time() - t0, 1),
         "final": str(final),
+        "merged": merged,
+        "param_groups": getattr(trainer, "rc_param_groups", None),
         "resumed_from": resume_from,
+        "ranks": hardware.ranks_that_ran(),  # every process that trained (multi-process presets)
+        "distributed_type": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1],  # NO, MULTI_CPU, DEEPSPEED..
         "log_history": trainer.state.log_history,
     }
     if trainer.is_world_process_zero():

@@ -1,0 +1,105 @@
+"""Multi-process training from one command: `python train.py hardware=cpu_ddp2` re-executes itself under
+torchrun (two gloo processes, one run dir, rank 0 alone writes), DeepSpeed ZeRO-2 on CPU, and the
+checks of GPU-only hardware settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from reinforce_cot import config, tiny
+from reinforce_cot.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+SFT = ("recipe=single", "algo=sft", "reward=none", "debug=smoke")
+
+
+def _check_two_ranks_one_writer(run, distributed_type: str):
+    assert run.returncode == 0, run
+    res = run.result("01_sft.json")
+    assert res["ranks"] == [0, 1]  # gathered from every process that trained
+    assert res["distributed_type"] == distributed_type
+    console = run.stdout + run.stderr
+    assert "process rank 0 of 2" in console and "process rank 1 of 2" in console
+    log = (run.dir / "output.log").read_text()
+    assert "[rank 0]" in log and "[rank 1]" not in log  # rank 1 logs to the console only
+    assert "starting 2 processes" in log and f"hydra.run.dir={run.dir}" in log  # both children in THIS run dir
+    assert len([p for p in run.dir.parent.iterdir() if p.is_dir()]) == 1  # no second, timestamped run dir
+    assert len(list((run.dir / "tensorboard" / "01_sft").glob("events.out.tfevents.*"))) == 1
+    # each step consumed 16 rows per process: 32 of 96 rows = 1/3 epoch (one process: 1/6)
+    first = next(h for h in res["log_history"] if "loss" in h)
+    assert first["epoch"] == pytest.approx(1 / 3, abs=1e-3)
+    assert res["global_step"] == 4
+    start = load_file(tiny.build(OmegaConf.load(run.dir / "backup/config.yaml").model) / "model.safetensors")
+    final = load_file(run.dir / "ckpt/01_sft/final/model.safetensors")
+    assert sum(not torch.equal(start[k], final[k]) for k in start) > 10
+    assert (run.dir / "result/summary.json").is_file()  # the evaluate stage ran (on rank 0)
+
+
+@pytest.mark.slow  # ~35 s: a parent and two child interpreters each import torch + transformers
+def test_ddp2_runs_two_gloo_processes_and_only_rank0_writes(train):
+    _check_two_ranks_one_writer(train(*SFT, "hardware=cpu_ddp2"), "MULTI_CPU")
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_on_cpu(train):
+    # The first run ever JIT-compiles DeepSpeed's CPU comm op (1-3 min); it is cached in
+    # ~/.cache/reinforce_cot/torch_extensions (TORCH_EXTENSIONS_DIR), so later runs take ~1 min.
+    run = train(*SFT, "hardware=cpu_zero2", timeout=900)
+    _check_two_ranks_one_writer(run, "DEEPSPEED")
+    assert "zero2.json" in (run.dir / "backup/stages/01_sft.yaml").read_text()
+
+
+def _compose(*overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=["recipe=single", *overrides])
+
+
+def test_presets_set_processes_deepspeed_and_vllm():
+    ddp, z2 = _compose("hardware=cpu_ddp2"), _compose("hardware=cpu_zero2")
+    assert ddp.hardware.num_processes == z2.hardware.num_processes == 2
+    assert "deepspeed" not in ddp.algo.args and Path(z2.algo.args.deepspeed).is_file()
+    for hw, stage in [("2xa100", 2), ("8xh100", 3)]:
+        cfg = _compose(f"hardware={hw}", "algo=rloo")
+        assert f'"stage": {stage}' in Path(cfg.algo.args.deepspeed).read_text()
+        assert cfg.algo.args.use_vllm is True and cfg.algo.args.vllm_mode == "colocate"
+    assert _compose("hardware=1xa100", "algo=sft").algo.args.get("use_vllm") is None  # SFTConfig has none
+    assert _compose("hardware=cpu", "algo=grpo").algo.args.use_vllm is False
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["algo=grpo", "hardware.vllm.use_vllm=true"], "sets use_vllm=true but vllm is not installed; pip install"),
+        (
+            ["algo=grpo", "peft=qlora", "hardware.vllm.use_vllm=true"],
+            "peft=qlora with algo.args.use_vllm=true: vLLM cannot",
+        ),
+        (
+            ["algo=rloo", "hardware.vllm.use_vllm=true", "hardware.vllm.vllm_mode=remote"],
+            "vllm_mode=remote: use colocate",
+        ),
+        (["hardware=1xa100"], "hardware=1xa100 trains on CUDA GPUs but none is visible here"),
+        (
+            ["algo=sft", "hardware=cpu_zero2", "algo.args.deepspeed=/nope/ds.json"],
+            "algo.args.deepspeed=/nope/ds.json: no such file",
+        ),
+    ],
+)
+def test_bad_hardware_settings_fail_at_validation(overrides, message):
+    if torch.cuda.is_available() and "hardware=1xa100" in overrides:
+        pytest.skip("CUDA present")
+    try:
+        import vllm  # noqa: F401
+
+        if "not installed" in message or "remote" in message:
+            pytest.skip("vllm installed")
+    except ImportError:
+        pass
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("+", r"\+")):
+        config.validate(_compose(*overrides))

@@ -1,0 +1,217 @@
+"""Rejection sampling: pairs by hand, datasets from a real model checked sample by sample, data_from
+composition, and recipe=unified_reward_think end to end (cold start -> rs -> SFT -> DPO -> evaluate)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
+from safetensors.torch import load_file
+
+from reinforce_cot import data, generation, preference, recipes, rejection, rewards
+from reinforce_cot.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cfg_for(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+@pytest.fixture
+def hydra_ctx():
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        yield
+
+
+def _rcfg(**kw):
+    return OmegaConf.create({"dpo_pairs": "wrong", "max_pairs_per_prompt": 2, "length_ratio": 1.5} | kw)
+
+
+def test_pairs_by_hand():
+    correct = [("c10", 10), ("c14", 14), ("c20", 20)]  # shortest first, as sample() orders them
+    wrong = [("w1", 12), ("w2", 30), ("w3", 5)]
+    assert rejection._pairs(correct, wrong, _rcfg()) == [("c10", "w1", "wrong"), ("c14", "w2", "wrong")]
+    # long2short: only c20 is >= 1.5 x 10 tokens; c14 is not
+    assert rejection._pairs(correct, wrong, _rcfg(dpo_pairs="length")) == [("c10", "c20", "length")]
+    assert len(rejection._pairs(correct, wrong, _rcfg(dpo_pairs="both", max_pairs_per_prompt=1))) == 2
+    assert rejection._pairs([], wrong, _rcfg(dpo_pairs="both")) == []  # no correct chain: no pair
+    assert rejection._pairs(correct[:1], wrong, _rcfg(max_pairs_per_prompt=5)) == [
+        ("c10", w, "wrong") for w in ("w1", "w2", "w3")
+    ]
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_sample_writes_verified_sft_and_dpo_data(sft_checkpoint, tmp_path):
+    cfg = cfg_for("reward=r1", "rejection.k=4", "data.train.n=24", "data.test.n=8")
+    rows = recipes.load_splits(cfg.data)["train"]
+    backend = generation.load(cfg, str(sft_checkpoint))
+    out = tmp_path / "all"
+    rep = rejection.sample(backend, rows, cfg, out, tokenizer=backend.tokenizer)
+
+    gens = {r["id"]: r["completions"] for r in _lines(out / "generations.jsonl")}
+    by_id = {r["id"]: r for r in rows}
+    assert len(gens) == 24 and all(len(c) == 4 for c in gens.values())
+    # the report agrees with re-scoring every sample
+    right = {i: rewards.accuracy_reward(c, answer=[by_id[i]["answer"]] * 4) for i, c in gens.items()}
+    assert [p["correct"] for p in rep["per_prompt"]] == [int(sum(right[r["id"]])) for r in rows]
+    assert rep["samples"] == 96 and rep["correct_samples"] == sum(sum(v) for v in right.values()) > 0
+    assert rep["sft"]["prompts_dropped_no_correct_chain"] == sum(sum(v) == 0 for v in right.values())
+
+    sft = _lines(out / "sft.jsonl")
+    distinct = sum(len({t for t, ok in zip(gens[i], right[i]) if ok}) for i in gens)
+    assert len(sft) == rep["sft"]["rows"] == distinct  # keep=all: every distinct correct chain
+    for rec in sft:
+        src = by_id[rec["source_id"]]
+        assert rec["completion"] in gens[src["id"]]
+        assert rewards.accuracy_reward([data.target(rec)], answer=[src["answer"]]) == [1.0]
+
+    dpo = _lines(out / "dpo.jsonl")
+    assert dpo and len(dpo) == rep["dpo"]["rows"]
+    for rec in dpo:
+        src = by_id[rec["source_id"]]
+        assert {rec["chosen"], rec["rejected"]} <= set(gens[src["id"]])  # same prompt
+        assert rewards.accuracy_reward([rec["chosen"], rec["rejected"]], answer=[src["answer"]] * 2) == [1.0, 0.0]
+        assert rec["question"] == src["question"] and rec["pair_type"] == "wrong"
+
+    # readable by data=jsonl, with the prompt's own image
+    jsonl = OmegaConf.load(ROOT / "conf" / "data" / "jsonl.yaml")
+    fields = OmegaConf.to_container(jsonl.fields)
+    loaded = data.jsonl_rows(str(out / "dpo.jsonl"), str(out / "images"), fields)
+    preference.check_pairs(loaded, "jsonl", "dpo")
+    assert loaded[0]["image"].tobytes() == by_id[dpo[0]["source_id"]]["image"].tobytes()
+    assert len(data.jsonl_rows(str(out / "sft.jsonl"), str(out / "images"), fields)) == len(sft)
+
+    # keep=shortest + long2short pairs from the same samples (the copied generations are reused, not redone)
+    short = tmp_path / "short"
+    short.mkdir()
+    shutil.copy(out / "generations.jsonl", short / "generations.jsonl")
+    with open_dict(cfg):
+        cfg.rejection.keep, cfg.rejection.dpo_pairs, cfg.rejection.length_ratio = "shortest", "length", 1.0
+    rep2 = rejection.sample(backend, rows, cfg, short, tokenizer=backend.tokenizer)
+    assert _lines(short / "generations.jsonl") == _lines(out / "generations.jsonl")
+    kept = _lines(short / "sft.jsonl")
+    assert len(kept) == rep["prompts_with_a_correct_chain"] == len({r["source_id"] for r in kept})
+    tok = lambda t: len(backend.tokenizer(t, add_special_tokens=False)["input_ids"])  # noqa: E731
+    for rec in kept:
+        i = rec["source_id"]
+        assert tok(rec["completion"]) == min(tok(t) for t, ok in zip(gens[i], right[i]) if ok)
+    for rec in _lines(short / "dpo.jsonl"):
+        assert rec["pair_type"] == "length" and tok(rec["rejected"]) >= tok(rec["chosen"])
+        assert rewards.accuracy_reward([rec["rejected"]], answer=[by_id[rec["source_id"]]["answer"]]) == [1.0]
+    assert rep2["sft"]["dropped_not_shortest"] == distinct - len(kept)
+
+
+def test_data_from_points_a_stage_at_an_earlier_stages_data(hydra_ctx, tmp_path):
+    user = ["recipe=unified_reward_think", "data.train.n=100"]
+    stages = recipes.compose_stages(compose(config_name="train", overrides=user), user, tmp_path)
+    assert list(stages) == ["01_cold_start", "02_rs", "03_sft", "04_dpo", "05_evaluate"]
+    cold, rs, sft, dpo = (stages[s] for s in ["01_cold_start", "02_rs", "03_sft", "04_dpo"])
+    assert cold.data.train.n == rs.data.train.n == 100  # your data overrides reach the stages on your data
+    assert rs.stage.kind == "rejection_sample" and rs.model.init_from == str(tmp_path / "ckpt" / "01_cold_start")
+    folder = tmp_path / "data" / "02_rs"
+    assert (sft.data.name, sft.algo.name, sft.stage.data_from) == ("jsonl", "sft", "02_rs/sft")
+    assert sft.data.train.path == str(folder / "sft.jsonl") and sft.data.test.path == str(folder / "test.jsonl")
+    assert sft.data.train.image_folder == str(folder / "images")
+    assert (dpo.algo.name, dpo.data.train.path) == ("dpo", str(folder / "dpo.jsonl"))
+    assert dpo.model.init_from == str(tmp_path / "ckpt" / "03_sft")
+    for key in recipes.DATA_FROM_KEYS:  # the prompts the samples were drawn with
+        assert sft.data[key] == rs.data[key], key
+    assert list(stages["05_evaluate"].stage.targets) == ["01_cold_start", "03_sft", "04_dpo"]
+
+
+def test_data_from_drops_loader_args_of_the_source_data(hydra_ctx, tmp_path):
+    user = ["recipe=unified_reward_think", "debug=smoke"]  # smoke sets data.train.n, which jsonl_rows does not take
+    stages = recipes.compose_stages(compose(config_name="train", overrides=user), user, tmp_path)
+    assert stages["02_rs"].data.train.n == 96
+    assert set(stages["03_sft"].data.train) == {"_target_", "path", "image_folder", "fields"}
+
+
+def test_data_from_a_later_stage_is_refused(hydra_ctx, tmp_path):
+    cfg = compose(config_name="train", overrides=["recipe=unified_reward_think"])
+    with open_dict(cfg):
+        cfg.recipe.stages[2].data_from = "dpo"
+    with pytest.raises(ConfigError, match=r"data_from=dpo: not an earlier stage; use one of \['cold_start', 'rs'\]"):
+        recipes.compose_stages(cfg, [], tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("rejection.k=0", "rejection.k=0: rejection sampling needs at least 1 sample per prompt"),
+        ("generation=vllm", "generation=vllm: the 'vllm' package is not installed"),
+    ],
+)
+def test_bad_rejection_settings_stop_before_weights(train, override, needle):
+    run = train("recipe=unified_reward_think", override)
+    assert run.returncode == 2, run
+    err = [line for line in run.stderr.splitlines() if line.strip()]
+    assert err[-1].startswith("error: ") and needle in err[-1], run  # one line, last
+    assert "loaded Qwen" not in run.stdout + run.stderr  # before any weights
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("rejection.keep=longest", "rejection.keep=longest: use all or shortest"),
+        ("rejection.dpo_pairs=random", "rejection.dpo_pairs=random: use wrong, length, both or none"),
+        ("rejection.length_ratio=0.5", "rejection.length_ratio=0.5 must be >= 1"),
+        ("rejection.temperature=0", "rejection.temperature=0: k=8 greedy samples are identical"),
+        ("reward=format", "rejection sampling decides correctness with an `accuracy` reward"),
+    ],
+)
+def test_rejection_settings_are_validated(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace("[", r"\[")):
+        rejection.validate(cfg_for(override))
+
+
+@pytest.mark.slow
+def test_unified_reward_think_end_to_end(train):
+    run = train(
+        "recipe=unified_reward_think",
+        "data.train.n=800",  # cold start: 3 epochs of 800 (75 steps of 32), as the quickstart test
+        "data.test.n=48",
+        "rejection.k=4",  # 96 prompts x 4 samples instead of the whole split x 8
+        "rejection.max_prompts=96",
+        "eval.max_prompts=24",
+        "eval.k=2",
+    )
+    assert run.returncode == 0, run
+    rs = run.result("02_rs.json")
+    assert (rs["prompts"], rs["samples"]) == (96, 384)
+    assert rs["correct_samples"] > 0 and rs["sft"]["rows"] > 0 and rs["dpo"]["rows"] > 0
+    data_dir = run.dir / "data" / "02_rs"
+    assert len((data_dir / "sft.jsonl").read_text().splitlines()) == rs["sft"]["rows"]
+    assert len((data_dir / "test.jsonl").read_text().splitlines()) == rs["test_rows"] > 40  # 48 minus train repeats
+
+    sft = run.result("03_sft.json")  # trained on the correct chains: 1 epoch in batches of 32
+    assert sft["global_step"] == math.ceil(rs["sft"]["rows"] / 32)
+    stage = OmegaConf.load(run.dir / "backup" / "stages" / "03_sft.yaml")
+    assert stage.data.train.path == str(data_dir / "sft.jsonl")
+    dpo = run.result("04_dpo.json")  # DPO on the pairs, from the SFT model
+    assert dpo["global_step"] == math.ceil(rs["dpo"]["rows"] / 16) and "train_loss" in dpo["train_metrics"]
+    a = load_file(run.dir / "ckpt" / "03_sft" / "final" / "model.safetensors")
+    b = load_file(run.dir / "ckpt" / "04_dpo" / "final" / "model.safetensors")
+    assert any(not (a[k] == b[k]).all() for k in a)
+
+    summary = run.result("summary.json")
+    assert [r["stage"] for r in summary["rows"]] == ["01_cold_start", "03_sft", "04_dpo"]
+    for r in summary["rows"]:
+        assert 0 <= r["greedy_acc"] <= 1 and r["k"] == 2
+        ev = run.result(f"eval_{r['stage']}.json")
+        assert ev["config"]["stage"]["id"] == "05_evaluate" and ev["metrics"]["n_prompts"] == 24
+        folder = run.dir / "result" / f"eval_{r['stage']}"
+        for f in ["accuracy_by_difficulty.png", "length_hist.png", "reasoning_vs_answer_only.png",
+                  "steps_per_answer.png", "samples.html"]:  # fmt: skip
+            assert (folder / f).stat().st_size > 1000, f
+    assert (run.dir / "result" / "compare.png").stat().st_size > 1000
+    assert "| 04_dpo" in (run.dir / "result" / "summary.md").read_text()
