@@ -20,6 +20,8 @@ CASES = [  # (completion, gold, correct)
     ("<answer>3.0</answer>", "3", True),
     ("<answer>1,000</answer>", "1000", True),
     ("<answer>4</answer>", "3", False),
+    ("<answer>e2</answer>", "3", False),  # a tiny model wrote this: not a number, and no crash
+    ("<answer>,</answer>", "3", False),
     ("<answer>(B)</answer>", "B", True),
     ("<answer>b</answer>", "B", True),
     ("<answer>C</answer>", "B", False),

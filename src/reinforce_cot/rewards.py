@@ -45,7 +45,7 @@ ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 FORMAT_RE = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
 THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 CHOICE_RE = re.compile(r"^\(?([A-Za-z])[\).:]?$")
-NUMBER_RE = re.compile(r"^[-+]?(\d+(,\d{3})*|\d*)(\.\d+)?([eE][-+]?\d+)?$")
+NUMBER_RE = re.compile(r"^[-+]?(\d+(,\d{3})*(\.\d+)?|\.\d+)([eE][-+]?\d+)?$")
 VERIFY_TIMEOUT_S = 5
 
 
@@ -83,9 +83,12 @@ def extract_answer(text: str) -> str | None:
 
 
 def _number(s: str) -> float | None:
-    if not NUMBER_RE.match(s) or not any(ch.isdigit() for ch in s):
-        return None
-    return float(s.replace(",", ""))
+    """A plain number's value, else None.
+
+    >>> _number("1,000"), _number("-2.5e3"), _number(".5"), _number("e2"), _number("3x")
+    (1000.0, -2500.0, 0.5, None, None)
+    """
+    return float(s.replace(",", "")) if NUMBER_RE.match(s) else None
 
 
 def answers_match(predicted: str | None, gold: str) -> bool:
