@@ -124,16 +124,17 @@ def plots(rows: list[dict], sft: dict | None, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     ok = [r for r in rows if r["status"] == "ok"]
+    colour = {arm: f"C{i}" for i, arm in enumerate(arms(rows))}  # one colour per arm in every panel
     for seed in sorted({r["seed"] for r in ok}):
         fig, axes = plt.subplots(1, 3, figsize=(15, 4))
         for r in (r for r in ok if r["seed"] == seed):
             c = r["curves"]
-            style = "-" if r["reward"] == "r1" else "--"
+            kw = dict(ls="-" if r["reward"] == "r1" else "--", color=colour[(r["reward"], r["sampler"])])
             label = f"{r['reward']} / {r['sampler']}"
-            axes[0].plot(c["step"], c["accuracy"], style, label=label)
-            axes[1].plot(c["step"], c["length"], style, label=label)
+            axes[0].plot(c["step"], c["accuracy"], label=label, **kw)
+            axes[1].plot(c["step"], c["length"], label=label, **kw)
             if any(v is not None for v in c["length_reward"]):
-                axes[2].plot(c["step"], c["length_reward"], style, label=label)
+                axes[2].plot(c["step"], c["length_reward"], label=label, **kw)
         titles = ["training accuracy reward", "completion length (tokens)", "length reward (kimi_length arms)"]
         for ax, title in zip(axes, titles):
             ax.set_title(f"{title}, seed {seed}")
@@ -144,8 +145,8 @@ def plots(rows: list[dict], sft: dict | None, out: Path) -> None:
         plt.close(fig)
 
     groups = arms(rows)
-    labels = (["SFT start"] if sft else []) + [f"{rw}\n{sp}" for rw, sp in groups]
-    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
+    labels = (["SFT start"] if sft else []) + [f"{rw.replace(' (', chr(10) + '(')}\n{sp}" for rw, sp in groups]
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5))
     for ax, key, skey, title in [
         (axes[0], "greedy_acc", "greedy_accuracy", "held-out greedy accuracy"),
         (axes[1], "mean_len", "mean_completion_tokens", "held-out mean completion length (greedy, tokens)"),
@@ -169,6 +170,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent)
     a = ap.parse_args()
     rows = [r for m in a.multiruns for r in collect(m)]
+    done = {(r["reward"], r["sampler"], r["seed"]) for r in rows if r["status"] == "ok"}
+    rows = [r for r in rows if r["status"] == "ok" or (r["reward"], r["sampler"], r["seed"]) not in done]  # reruns
     sft = _metrics(next(iter(sorted((a.sft / "result").glob("eval_01_*.json"))))) if a.sft else None
     (a.out / "results").mkdir(parents=True, exist_ok=True)
     (a.out / "plots").mkdir(parents=True, exist_ok=True)
