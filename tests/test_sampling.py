@@ -222,7 +222,10 @@ def test_prioritized_grpo_saves_its_state_and_resumes_it(train, sft_checkpoint):
 def test_two_processes_draw_the_same_groups_and_share_success_rates(tmp_path, sft_checkpoint):
     """torchrun with 2 gloo processes: each process gets half of every generation batch (one group
     straddles both), the sampler draws the same chunk on both, the length reward is computed on whole
-    groups, and the success rates count every completion of every group once."""
+    groups, and the success rates count every completion of every group once.
+
+    torchrun directly, not hardware=cpu_ddp2: that preset validates in a 1-process parent first, where
+    TRL rejects a per-device batch (6) that num_generations (4) does not divide, though 2 x 6 = 12 is fine."""
     import os
     import socket
     import subprocess

@@ -18,7 +18,10 @@ drawn with a generator seeded by (seed, chunk position), so every process draws 
 success rates are updated from the rewards gathered over all processes, so they stay identical too.
 
 State (epoch, chunk position, attempts, successes, success rates) is written to
-`checkpoint-*/sampler_state.json` before the rest of the checkpoint and read back on resume.
+`checkpoint-*/sampler_state.json` before the rest of the checkpoint and read back on resume. The
+dataloader prefetches one batch, so a round's prompts are drawn with the success rates of one round
+earlier; after a resume the next round is drawn with the checkpoint's rates, so a resumed prioritized
+run may draw differently from an uninterrupted one (curriculum draws depend only on seed and position).
 
 Wiring: `conf/sampler/*.yaml` name the class (`_target_`); `training.train_stage` swaps TRL's sampler
 for it through `with_sampler`, a subclass of the configured trainer overriding `_get_train_sampler`.
