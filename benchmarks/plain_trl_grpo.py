@@ -47,7 +47,10 @@ def main(run_dir: Path, out: Path) -> None:
                 "prompt": [
                     {
                         "role": "user",
-                        "content": [{"type": "image"}, {"type": "text", "text": d["prompt_template"].format(question=r["question"])}],
+                        "content": [
+                            {"type": "image"},
+                            {"type": "text", "text": d["prompt_template"].format(question=r["question"])},
+                        ],
                     }
                 ],
                 "image": r["image"],
@@ -61,8 +64,19 @@ def main(run_dir: Path, out: Path) -> None:
     processor.tokenizer.padding_side = "left"
     model = AutoModelForImageTextToText.from_pretrained(sft, dtype="float32")
     args = {k: v for k, v in cfg["algo"]["args"].items() if k != "_target_" and k != "_convert_"}
-    args.update(output_dir=str(out.parent / "plain_ckpt"), report_to=[], save_strategy="no", reward_weights=[cfg["reward"][k]["weight"] for k in ("accuracy", "format")])
-    trainer = GRPOTrainer(model=model, args=GRPOConfig(**args), train_dataset=ds, processing_class=processor, reward_funcs=[accuracy, format_])
+    args.update(
+        output_dir=str(out.parent / "plain_ckpt"),
+        report_to=[],
+        save_strategy="no",
+        reward_weights=[cfg["reward"][k]["weight"] for k in ("accuracy", "format")],
+    )
+    trainer = GRPOTrainer(
+        model=model,
+        args=GRPOConfig(**args),
+        train_dataset=ds,
+        processing_class=processor,
+        reward_funcs=[accuracy, format_],
+    )
     metrics = trainer.train().metrics
     out.write_text(json.dumps({"train_runtime": metrics["train_runtime"], "global_step": trainer.state.global_step}))
 

@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def run(cmd: list[str], log: Path) -> float:
     t0 = time.time()
     with log.open("w") as f:
-        subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        subprocess.run(
+            cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
     return time.time() - t0
 
 
