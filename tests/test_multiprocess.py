@@ -78,7 +78,7 @@ def test_presets_set_processes_deepspeed_and_vllm():
         (["algo=grpo", "hardware.vllm.use_vllm=true"], "sets use_vllm=true but vllm is not installed; pip install"),
         (
             ["algo=grpo", "peft=qlora", "hardware.vllm.use_vllm=true"],
-            "peft=qlora with algo.args.use_vllm=true: vLLM cannot",
+            "peft=qlora with algo.args.use_vllm=true: TRL 1.16 pushes the 4-bit weights to vLLM without their",
         ),
         (
             ["algo=rloo", "hardware.vllm.use_vllm=true", "hardware.vllm.vllm_mode=remote"],

@@ -12,7 +12,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from reinforce_cot import adapters, hardware, parts  # hardware and parts also register rc.conf / rc.mul
+from reinforce_cot import adapters, hardware, memory, parts  # hardware and parts also register rc.conf / rc.mul
 from reinforce_cot.errors import ConfigError
 
 
@@ -54,6 +54,7 @@ def validate(cfg) -> None:
     instantiate(a.args, output_dir="/tmp/reinforce_cot_validate", _convert_="all")  # TRL's own checks
     adapters.validate(cfg)  # peft targets match modules; qlora needs CUDA + bitsandbytes
     parts.validate(cfg)  # model.freeze / optim.lr_multipliers name existing parts
+    memory.validate(cfg)  # GPU presets: memory per GPU from the model's config; refuses what cannot fit
 
 
 def _validate_rl(cfg) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 import subprocess
@@ -95,6 +96,22 @@ def local_loading():
         hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
+@contextlib.contextmanager
+def no_cuda_context():
+    """TrainingArguments built inside set up no CUDA device (no `torch.cuda.set_device`, which creates a
+    context holding ~0.5 GB of GPU 0), while their checks still see the GPUs (bf16 support, device count).
+    For the launching parent, which validates and then only waits on its children."""
+    saved = os.environ.get("ACCELERATE_USE_CPU")
+    os.environ["ACCELERATE_USE_CPU"] = "true"  # read by TrainingArguments._setup_devices
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("ACCELERATE_USE_CPU", None)
+        else:
+            os.environ["ACCELERATE_USE_CPU"] = saved
+
+
 def needs_launch(cfg) -> bool:
     return int(cfg.hardware.num_processes) > 1 and not any(v in os.environ for v in DISTRIBUTED_ENV)
 
@@ -129,7 +146,8 @@ def launch(cfg, run_dir: Path, overrides: list[str]) -> int:
         from reinforce_cot import tiny
 
         for scfg in recipes.compose_stages(cfg, overrides, run_dir).values():
-            config_lib.validate(scfg)
+            with no_cuda_context():  # this process only waits: no ~0.5 GB context on GPU 0 for the whole run
+                config_lib.validate(scfg)
             if scfg.stage.kind == "train" and not scfg.model.get("path"):
                 tiny.build(scfg.model)  # built once here, not raced by N processes
     cmd = launch_command(cfg, run_dir, overrides)
@@ -152,8 +170,34 @@ def setup_process_logging() -> None:
     log.info("process rank %d of %d (local rank %s)", rank(), world_size(), os.environ.get("LOCAL_RANK"))
 
 
+def deepspeed_config(args) -> dict | None:
+    """`algo.args.deepspeed` (a JSON path or an inline mapping) as a dict; None without DeepSpeed."""
+    ds = args.get("deepspeed")
+    if not ds:
+        return None
+    if isinstance(ds, str):
+        return json.loads(Path(ds).expanduser().read_text())
+    return OmegaConf.to_container(ds, resolve=True) if OmegaConf.is_config(ds) else dict(ds)
+
+
+def cuda_versions() -> str:
+    """What decides whether CUDA works here: the CUDA torch was built for and the NVIDIA driver installed."""
+    import torch
+
+    built = torch.version.cuda
+    try:  # the kernel module's version file: no subprocess, and present whenever a driver is loaded
+        line = Path("/proc/driver/nvidia/version").read_text().splitlines()[0]
+        driver = next((w for w in line.split() if w.count(".") >= 1 and w.split(".")[0].isdigit()), line)
+    except (OSError, IndexError):
+        driver = "none found"
+    need = " (needs an NVIDIA driver >= 580)" if built and built.startswith("13") else ""
+    return f"torch {torch.__version__} built for CUDA {built or 'none (a CPU build)'}{need}, NVIDIA driver {driver}"
+
+
 def validate(cfg) -> None:
     """Settings that need hardware or packages this machine may lack, checked before any weights load."""
+    from reinforce_cot import adapters
+
     args, hw = cfg.algo.args, cfg.hardware
     n = int(hw.num_processes)
     if n < 1:
@@ -163,23 +207,23 @@ def validate(cfg) -> None:
 
         if not torch.cuda.is_available():
             raise ConfigError(
-                f"hardware={hw.name} trains on CUDA GPUs but none is visible here; use hardware=cpu (or cpu_ddp2)"
+                f"hardware={hw.name} trains on CUDA GPUs but none is visible here ({cuda_versions()}); "
+                "use hardware=cpu (or cpu_ddp2), or see environment.yml for the driver the GPU wheels need"
             )
         if n > torch.cuda.device_count() and world_size() == 1:
             raise ConfigError(
                 f"hardware.num_processes={n} but {torch.cuda.device_count()} GPUs are visible; pick a smaller preset"
             )
     if args.get("use_vllm"):
-        from reinforce_cot import adapters
-
         if args.get("vllm_mode") not in ("colocate", "server"):
             raise ConfigError(
                 f"algo.args.vllm_mode={args.get('vllm_mode')}: use colocate or server (hardware.vllm.vllm_mode)"
             )
         if adapters.quantized(cfg):
             raise ConfigError(
-                f"peft={cfg.peft.name} with algo.args.use_vllm=true: vLLM cannot load the 4-bit bitsandbytes "
-                "weights TRL syncs; use peft=lora, or hardware.vllm.use_vllm=false"
+                f"peft={cfg.peft.name} with algo.args.use_vllm=true: TRL 1.16 pushes the 4-bit weights to vLLM "
+                "without their quantization state (trl#4973, unfixed in 1.16); add hardware.vllm.use_vllm=false, "
+                "or use peft=lora"
             )
         if importlib.util.find_spec("vllm") is None:
             raise ConfigError(
@@ -195,4 +239,11 @@ def validate(cfg) -> None:
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError(
                 f"hardware={hw.name} uses DeepSpeed but it is not installed: pip install deepspeed==0.19.8"
+            )
+        stage = ((deepspeed_config(args) or {}).get("zero_optimization") or {}).get("stage", 0)
+        if adapters.quantized(cfg) and int(stage) == 3:
+            raise ConfigError(
+                f"peft={cfg.peft.name} with ZeRO-3 (hardware={hw.name}): the 4-bit base is loaded whole on each "
+                "GPU (device_map, uint8 storage), which ZeRO-3 cannot partition; use "
+                "algo.args.deepspeed=${rc.conf:deepspeed/zero2.json}, or peft=lora"
             )

@@ -52,6 +52,62 @@ def is_local(path: str) -> bool:
     return Path(path).expanduser().exists()
 
 
+def config_path(model_cfg) -> str:
+    """Where the model's config.json is read from: as `resolve_path`, except that an `init_from` an earlier
+    stage of this run has not made yet is read from its base (same architecture)."""
+    if model_cfg.get("init_from"):
+        try:
+            return str(checkpoint_folder(model_cfg.init_from))
+        except ConfigError:
+            from omegaconf import open_dict
+
+            base = model_cfg.copy()
+            with open_dict(base):
+                base.init_from = None
+            return resolve_path(base)
+    return resolve_path(model_cfg)
+
+
+def model_config(model_cfg):
+    """The model's transformers config (config.json only, no weights), read the way `load_model` reads it.
+
+    A hub id is read from the hub or, offline, from the local hub cache; what cannot be read is a
+    ConfigError naming `model.path` and the fix, raised before anything loads."""
+    from huggingface_hub import constants
+    from transformers import AutoConfig
+
+    path = config_path(model_cfg)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        key = "model.init_from" if model_cfg.get("init_from") else "model.path"
+        if not is_local(path) and constants.HF_HUB_OFFLINE:
+            raise ConfigError(
+                f"{key}={path}: not in the local hub cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1; "
+                f"download it first (hf download {path}) or set {key} to a local folder"
+            ) from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"{key}={path}: cannot read its config.json ({first}); give a hub id or a folder holding config.json"
+        ) from None
+
+
+def load_dtype(cfg) -> str:
+    """The dtype weights load in for training: fp32 when the config asks for bf16/fp16 full fine-tuning
+    with mixed precision and no DeepSpeed, else `model.dtype`.
+
+    Why: AdamW stepping 16-bit weights loses every update below half a bf16 ulp: at lr 1e-6 nearly all of
+    them. Mixed precision keeps fp32 master weights and computes in bf16 under autocast; DeepSpeed keeps its
+    own fp32 master copy, and peft trains fp32 adapters on a 16-bit base, so those load `model.dtype`."""
+    from reinforce_cot import adapters
+
+    args = cfg.algo.args
+    mixed = bool(args.get("bf16") or args.get("fp16"))
+    if cfg.model.dtype in ("bfloat16", "float16") and mixed and not args.get("deepspeed") and not adapters.enabled(cfg):
+        return "float32"
+    return cfg.model.dtype
+
+
 def load_processing_class(path: str, model_cfg):
     """Processor for VLMs, tokenizer for LMs, loaded from `path` (folder or hub id).
 
@@ -76,14 +132,16 @@ def load_processing_class(path: str, model_cfg):
     return processor
 
 
-def load_model(path: str, model_cfg, **kwargs):
-    """`from_pretrained` with the configured dtype and attention; VLMs via AutoModelForImageTextToText.
-    `kwargs` go to from_pretrained too (QLoRA's quantization_config and device_map)."""
+def load_model(path: str, model_cfg, dtype: str | None = None, **kwargs):
+    """`from_pretrained` with the configured dtype (or `dtype`: `load_dtype` for training) and attention;
+    VLMs via AutoModelForImageTextToText. `kwargs` go to from_pretrained too (QLoRA's quantization_config
+    and device_map)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     auto = AutoModelForImageTextToText if model_cfg.kind == "vlm" else AutoModelForCausalLM
-    dtype = getattr(torch, model_cfg.dtype) if model_cfg.dtype != "auto" else "auto"
+    dtype = dtype or model_cfg.dtype
+    dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
     model = auto.from_pretrained(path, dtype=dtype, attn_implementation=model_cfg.attn_implementation, **kwargs)
     n = sum(p.numel() for p in model.parameters())
     log.info("loaded %s from %s: %.2f M parameters", type(model).__name__, path, n / 1e6)

@@ -28,7 +28,7 @@ import functools
 import logging
 import re
 
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from reinforce_cot.errors import ConfigError
 
@@ -83,17 +83,7 @@ def skeleton(model_cfg):
     from reinforce_cot import models
 
     try:
-        if model_cfg.get("init_from"):
-            try:
-                path = str(models.checkpoint_folder(model_cfg.init_from))
-            except ConfigError:  # made by an earlier stage of this run: same architecture as the base
-                base = model_cfg.copy()
-                with open_dict(base):
-                    base.init_from = None
-                path = models.resolve_path(base)
-        else:
-            path = models.resolve_path(model_cfg)
-        return _skeleton_cached(path, model_cfg.kind)
+        return _skeleton_cached(models.config_path(model_cfg), model_cfg.kind)
     except (OSError, ValueError) as e:
         log.warning("cannot check model parts before loading (%s); checked at load instead", e)
         return None

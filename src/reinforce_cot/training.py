@@ -57,7 +57,7 @@ def train_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: dict | None
 
     path = models.resolve_path(cfg.model)
     processing_class = models.load_processing_class(path, cfg.model)
-    model = models.load_model(path, cfg.model, **adapters.load_kwargs(cfg))
+    model = models.load_model(path, cfg.model, dtype=models.load_dtype(cfg), **adapters.load_kwargs(cfg))
     parts.freeze(model, cfg)
 
     _logger_env(cfg, run_dir, sid)
