@@ -16,7 +16,7 @@ safetensors + processor; reinforce_cot.merge), which later stages and `model.ini
 
     python train.py recipe=single algo=sft reward=none peft=lora
     python train.py recipe=single algo=sft reward=none peft=lora "peft.target_parts=[language_model,vision]"
-    python train.py algo=grpo peft=qlora hardware=1xa100 model=qwen2_5_vl_3b
+    python train.py algo=grpo peft=qlora hardware=1xa100 model=qwen2_5_vl_3b hardware.vllm.use_vllm=false
 """
 
 from __future__ import annotations

@@ -51,7 +51,8 @@ def validate(cfg) -> None:
     if a.kind == "rl":
         _validate_rl(cfg)
     hardware.validate(cfg)  # GPU-only settings (CUDA, vLLM, qlora + vLLM, DeepSpeed), before TRL's bf16 check
-    instantiate(a.args, output_dir="/tmp/reinforce_cot_validate", _convert_="all")  # TRL's own checks
+    # TRL's own checks (in the launching parent without a CUDA device: hardware.no_cuda_context)
+    instantiate(a.args, output_dir="/tmp/reinforce_cot_validate", _convert_="all", **hardware.validation_args())
     adapters.validate(cfg)  # peft targets match modules; qlora needs CUDA + bitsandbytes
     parts.validate(cfg)  # model.freeze / optim.lr_multipliers name existing parts
     memory.validate(cfg)  # GPU presets: memory per GPU from the model's config; refuses what cannot fit

@@ -24,7 +24,7 @@ by default ~/.cache/reinforce_cot/torch_extensions, so later runs and the tests 
 
     python train.py recipe=single algo=sft reward=none hardware=cpu_ddp2
     python train.py recipe=single algo=sft reward=none hardware=cpu_zero2
-    python train.py algo=grpo hardware=2xa100 model=qwen2_5_vl_7b
+    python train.py algo=gspo hardware=2xa100 model=qwen2_5_vl_3b
 """
 
 from __future__ import annotations
@@ -96,20 +96,26 @@ def local_loading():
         hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
+_NO_CUDA_CONTEXT = False
+
+
 @contextlib.contextmanager
 def no_cuda_context():
-    """TrainingArguments built inside set up no CUDA device (no `torch.cuda.set_device`, which creates a
-    context holding ~0.5 GB of GPU 0), while their checks still see the GPUs (bf16 support, device count).
-    For the launching parent, which validates and then only waits on its children."""
-    saved = os.environ.get("ACCELERATE_USE_CPU")
-    os.environ["ACCELERATE_USE_CPU"] = "true"  # read by TrainingArguments._setup_devices
+    """Validation inside builds TrainingArguments with use_cpu=True, so that they set up no CUDA device:
+    outside torchrun they call `torch.cuda.set_device(cuda:0)`, which creates a context holding ~0.5 GB of
+    GPU 0. For the launching parent, which validates and then only waits on its children (they validate
+    again on their own GPUs, bf16 support included)."""
+    global _NO_CUDA_CONTEXT
+    saved, _NO_CUDA_CONTEXT = _NO_CUDA_CONTEXT, True
     try:
         yield
     finally:
-        if saved is None:
-            os.environ.pop("ACCELERATE_USE_CPU", None)
-        else:
-            os.environ["ACCELERATE_USE_CPU"] = saved
+        _NO_CUDA_CONTEXT = saved
+
+
+def validation_args() -> dict:
+    """Extra TrainingArguments for validation: use_cpu=True inside `no_cuda_context`."""
+    return {"use_cpu": True} if _NO_CUDA_CONTEXT else {}
 
 
 def needs_launch(cfg) -> bool:
@@ -245,5 +251,5 @@ def validate(cfg) -> None:
             raise ConfigError(
                 f"peft={cfg.peft.name} with ZeRO-3 (hardware={hw.name}): the 4-bit base is loaded whole on each "
                 "GPU (device_map, uint8 storage), which ZeRO-3 cannot partition; use "
-                "algo.args.deepspeed=${rc.conf:deepspeed/zero2.json}, or peft=lora"
+                "'algo.args.deepspeed=${rc.conf:deepspeed/zero2.json}', or peft=lora"
             )

@@ -2,7 +2,7 @@
 
     python train.py                                   # quickstart: tiny VLM, SFT -> GRPO -> evaluate
     python train.py recipe=single algo=sft            # one stage
-    python train.py algo=gspo hardware=1xa100 model=qwen2_5_vl_3b
+    python train.py algo=gspo hardware=2xa100 model=qwen2_5_vl_3b
     python train.py resume=outputs/20260101_120000_quickstart
     python train.py -m algo=grpo,gspo seed=0,1        # a sweep: one run dir per job under multirun/
     python train.py hardware=cpu_ddp2                 # 2 processes: re-executed under torchrun (hardware.py)

@@ -200,7 +200,7 @@ def _variants(cfg) -> list[tuple[str, object]]:
             c = cfg.copy()
             with open_dict(c):
                 c.algo.args.deepspeed = str(hardware.CONF_DIR / "deepspeed" / f"{name}.json")
-            out.append((f"algo.args.deepspeed=${{rc.conf:deepspeed/{name}.json}}", c))
+            out.append((f"'algo.args.deepspeed=${{rc.conf:deepspeed/{name}.json}}'", c))  # quoted for the shell
     return out
 
 
