@@ -7,7 +7,9 @@
   parts/peft checks build the model on the meta device (3.75 B and 8.29 B parameters, as published).
 - `gpus(monkeypatch, n)`: `torch.cuda` reports n bf16-capable GPUs, `torch.cuda.set_device` does nothing,
   and vllm / bitsandbytes look installed. Nothing may run on these "GPUs": only composition and
-  validation (TrainingArguments' own checks included) are meant to go through.
+  validation (TrainingArguments' own checks included) are meant to go through. Call `forget()` after the
+  test (an autouse fixture in each module that pretends), so that no process-wide state built while
+  pretending (accelerate's shared device, cached CUDA checks) reaches the next test in this process.
 """
 
 from __future__ import annotations
@@ -128,3 +130,12 @@ def gpus(monkeypatch, n: int = 8) -> None:
         return find_spec(name, *args, **kwargs)
 
     monkeypatch.setattr(importlib.util, "find_spec", spec)
+
+
+def forget() -> None:
+    """Drop process-wide state that may remember the pretended GPUs."""
+    from accelerate.state import AcceleratorState
+    from transformers.utils import import_utils
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    import_utils.is_torch_cuda_available.cache_clear()

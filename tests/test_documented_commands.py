@@ -49,6 +49,12 @@ UNVALIDATABLE = [
 CHECKPOINT_PLACEHOLDER = re.compile(r"^(model\.init_from)=(.*(<[^>]*>|\$\{?[A-Za-z_]\w*).*)$")
 
 
+@pytest.fixture(autouse=True)
+def _forget_pretended_gpus():
+    yield
+    pretend_gpu.forget()
+
+
 # ------------------------------------------------------------------------------------------ harvesting
 def _doc_lines():
     """(file:line, text) for every line of prose in which commands are written."""
@@ -73,9 +79,9 @@ def _doc_lines():
                 yield f"{f.relative_to(ROOT)}:{first + i}", line
 
 
-def harvest() -> list[tuple[str, str]]:
+def harvest(lines=None) -> list[tuple[str, str]]:
     """(where, command text after `python train.py`) for every documented command, in file order."""
-    lines = list(_doc_lines())
+    lines = list(_doc_lines() if lines is None else lines)
     out = []
     for n, (where, line) in enumerate(lines):
         start = line.find(COMMAND)
@@ -91,7 +97,7 @@ def harvest() -> list[tuple[str, str]]:
                     and lines[k + 1][0].split(":")[0] == where.split(":")[0]
                 ):
                     k += 1
-                    rest = rest.rstrip()[:-1] + " " + lines[k][1].strip()
+                    rest = rest.rstrip()[:-1].rstrip() + " " + lines[k][1].strip()
             out.append((where, rest.strip()))
             start = line.find(COMMAND, start + len(COMMAND))
     return out
@@ -192,6 +198,19 @@ def test_harvest_finds_commands_in_every_kind_of_source():
 
 
 def test_harvest_rules():
+    doc = [
+        ("a.md:1", "    python train.py -m seed=0,1 \\"),
+        ("a.md:2", "        hardware=slurm_cpu   # on Slurm"),
+        ("a.md:3", "Run `python train.py algo=gspo` (the RL stage) or `python train.py`."),
+        ("b.yaml:1", "   python train.py recipe=kimi \\"),
+        ("c.yaml:1", "   not a continuation of b.yaml"),
+    ]
+    assert harvest(doc) == [
+        ("a.md:1", "-m seed=0,1 hardware=slurm_cpu   # on Slurm"),
+        ("a.md:3", "algo=gspo"),
+        ("a.md:3", ""),
+        ("b.yaml:1", "recipe=kimi \\"),
+    ]
     assert as_overrides('-m algo=grpo,gspo "peft.target_parts=[language_model,vision]"  # a comment') == (
         True,
         ["algo=grpo,gspo", "peft.target_parts=[language_model,vision]"],

@@ -23,6 +23,12 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 GiB = 1024**3
 
 
+@pytest.fixture(autouse=True)
+def _forget_pretended_gpus():
+    yield
+    pretend_gpu.forget()
+
+
 def _compose(*overrides):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))
