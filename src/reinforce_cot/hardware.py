@@ -186,6 +186,13 @@ def deepspeed_config(args) -> dict | None:
     return OmegaConf.to_container(ds, resolve=True) if OmegaConf.is_config(ds) else dict(ds)
 
 
+def zero(args) -> tuple[int, bool, bool]:
+    """(ZeRO stage, optimizer offloaded, parameters offloaded) of `algo.args.deepspeed`; (0, False, False) without."""
+    z = (deepspeed_config(args) or {}).get("zero_optimization") or {}
+    offloaded = lambda key: (z.get(key) or {}).get("device") in ("cpu", "nvme")  # noqa: E731
+    return int(z.get("stage", 0)), offloaded("offload_optimizer"), offloaded("offload_param")
+
+
 def cuda_versions() -> str:
     """What decides whether CUDA works here: the CUDA torch was built for and the NVIDIA driver installed."""
     import torch
@@ -246,8 +253,7 @@ def validate(cfg) -> None:
             raise ConfigError(
                 f"hardware={hw.name} uses DeepSpeed but it is not installed: pip install deepspeed==0.19.8"
             )
-        stage = ((deepspeed_config(args) or {}).get("zero_optimization") or {}).get("stage", 0)
-        if adapters.quantized(cfg) and int(stage) == 3:
+        if adapters.quantized(cfg) and zero(args)[0] == 3:
             raise ConfigError(
                 f"peft={cfg.peft.name} with ZeRO-3 (hardware={hw.name}): the 4-bit base is loaded whole on each "
                 "GPU (device_map, uint8 storage), which ZeRO-3 cannot partition; use "

@@ -86,16 +86,6 @@ class Estimate:
         )
 
 
-def zero(args) -> tuple[int, bool, bool]:
-    """(ZeRO stage, optimizer offloaded, parameters offloaded) of `algo.args.deepspeed`; (0, False, False) without."""
-    from reinforce_cot import hardware
-
-    ds = hardware.deepspeed_config(args)
-    z = (ds or {}).get("zero_optimization") or {}
-    offloaded = lambda key: (z.get(key) or {}).get("device") in ("cpu", "nvme")  # noqa: E731
-    return int(z.get("stage", 0)), offloaded("offload_optimizer"), offloaded("offload_param")
-
-
 def _field(args, key):
     """`algo.args.<key>`, else the TRL config dataclass' default (e.g. RLOOConfig.beta = 0.05)."""
     from hydra.utils import get_class
@@ -119,13 +109,13 @@ def estimate(cfg, model, config) -> Estimate:
     """Bytes per GPU for `cfg` on `model` (a meta-device skeleton) with transformers config `config`."""
     import torch
 
-    from reinforce_cot import adapters, models, parts
+    from reinforce_cot import adapters, hardware, models, parts
 
     args, hw = cfg.algo.args, cfg.hardware
     n = int(hw.num_processes)
     params = {name: p.numel() for name, p in model.named_parameters()}
     total = sum(params.values())
-    stage, off_opt, off_param = zero(args)
+    stage, off_opt, off_param = hardware.zero(args)
     half = 2 if (args.get("bf16") or args.get("fp16")) else 4
     base_bytes = BYTES.get(str(cfg.model.dtype), 2)
 
@@ -194,7 +184,7 @@ def _variants(cfg) -> list[tuple[str, object]]:
         with open_dict(c):
             c.peft = OmegaConf.load(hardware.CONF_DIR / "peft" / "lora.yaml")
         out.append(("peft=lora", c))
-    stage, off_opt, _ = zero(cfg.algo.args)
+    stage, off_opt, _ = hardware.zero(cfg.algo.args)
     if n > 1:  # one process does not start DeepSpeed here (no launcher): ZeRO needs a multi-GPU preset
         for name in (["zero3"] if stage < 3 else []) + ([] if off_opt else ["zero3_offload"]):
             c = cfg.copy()
