@@ -138,3 +138,54 @@ def test_sweep_whose_jobs_fail_exits_1_and_lists_them(tmp_path):
         assert rundir.failure(run_dir) == reason
         assert not (run_dir / "backup" / "config.yaml").exists()  # not resumable: it never started
     assert "#0: FAILED" in proc.stdout and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------- bad input fails in validation, before anything is written
+
+
+def _run_in_process(tmp_path, *overrides: str):
+    """recipes.run as main calls it, in this process: compose, validate, load data, then write provenance."""
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides))
+        return recipes.run(cfg, tmp_path / "run", list(overrides))
+
+
+BAD_INPUT = {
+    # torch checks the learning rate only when the optimizer is made, after the weights load
+    "negative lr": (
+        ["recipe=single", "algo=sft", "algo.args.learning_rate=-0.001"],
+        "algo.args.learning_rate=-0.001: the optimizer (adamw_torch_fused) refuses it: Invalid learning rate: -0.001",
+    ),
+    "beta": (["recipe=single", "algo=grpo", "++algo.args.adam_beta1=1.5"], "algo.args.adam_beta1=1.5: the optimizer"),
+    "batch size": (["recipe=single", "algo=sft", "algo.args.per_device_train_batch_size=0"], "must be >= 1"),
+    "TRL's own check": (
+        ["recipe=single", "algo=sft", "algo.args.logging_steps=0"],
+        "requires non-zero --logging_steps",
+    ),
+    # offline (tests run with HF_HUB_OFFLINE=1): the hub id is looked up in the local hub cache
+    "hub id": (["recipe=single", "algo=sft", "model.path=nobody/no-such-model"], "not in the local hub cache"),
+    # the default recipe's second stage takes a preference algo: what is wrong is the data
+    "dpo without pairs": (["algo=dpo", "debug=smoke"], "algo=dpo needs preference pairs but data=shapes_count rows"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_fails_in_validation_before_anything_is_written(tmp_path, monkeypatch, case):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read at import; the session sets HF_HUB_OFFLINE=1
+    overrides, message = BAD_INPUT[case]
+    with pytest.raises(ConfigError) as e:
+        _run_in_process(tmp_path, *overrides)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()  # no backup/config.yaml (resumable), no ckpt/
+
+
+def test_resume_of_a_missing_folder_creates_nothing(train, tmp_path):
+    run = train(f"resume={tmp_path}/outputs/20260101_120000_quickstart")
+    assert run.returncode == 2, run
+    assert run.stderr.strip().splitlines() == [
+        f"error: resume={tmp_path}/outputs/20260101_120000_quickstart: does not exist; pass a run dir such as "
+        "outputs/<date>_<name>"
+    ]
+    assert not (tmp_path / "outputs").exists()

@@ -12,7 +12,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from reinforce_cot import adapters, hardware, parts  # hardware and parts also register rc.conf / rc.mul
+from reinforce_cot import adapters, hardware, models, parts  # hardware and parts also register rc.conf / rc.mul
 from reinforce_cot.errors import ConfigError
 
 
@@ -36,6 +36,8 @@ def validate(cfg) -> None:
         raise ConfigError(
             f"model.path={m.path} does not exist; give a saved model folder or a hub id like Qwen/Qwen2.5-VL-3B-Instruct"
         )
+    if m.get("path") and not _looks_local(str(m.path)) and not m.get("init_from"):
+        models.check_hub_id(str(m.path))
     from_stage = (cfg.get("stage") or {}).get("init_from")  # made by an earlier stage of this run
     if m.get("init_from") and not from_stage and not Path(str(m.init_from)).expanduser().exists():
         raise ConfigError(f"model.init_from={m.init_from} does not exist; point it at a checkpoint folder or run dir")
@@ -51,9 +53,51 @@ def validate(cfg) -> None:
     if a.kind == "rl":
         _validate_rl(cfg)
     hardware.validate(cfg)  # GPU-only settings (CUDA, vLLM, qlora + vLLM, DeepSpeed), before TRL's bf16 check
-    instantiate(a.args, output_dir="/tmp/reinforce_cot_validate", _convert_="all")  # TRL's own checks
+    _validate_trainer(a)
     adapters.validate(cfg)  # peft targets match modules; qlora needs CUDA + bitsandbytes
     parts.validate(cfg)  # model.freeze / optim.lr_multipliers name existing parts
+
+
+def _validate_trainer(algo) -> None:
+    """What the TRL trainer would refuse from its config alone, found before any weights load: TRL's and
+    transformers' own config checks (by building the config object), the trainer class, batch sizes, and
+    the optimizer's checks of lr, betas, eps and weight decay, which torch runs only when the optimizer is
+    made (after the model loaded): the configured optimizer is built here on one dummy parameter."""
+    import torch
+    from hydra.errors import InstantiationException
+    from transformers import Trainer
+
+    try:
+        instantiate(algo.trainer)  # a partial: the class must import
+        args = instantiate(algo.args, output_dir="/tmp/reinforce_cot_validate", _convert_="all")
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        raise ConfigError(
+            f"algo={algo.name}: {' '.join(str(cause).split())} (a field of algo.args or algo.trainer)"
+        ) from None
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        if getattr(args, key) < 1:
+            raise ConfigError(f"algo.args.{key}={getattr(args, key)}: must be >= 1")
+    opt_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    if isinstance(opt_cls, type) and issubclass(opt_cls, torch.optim.Optimizer) and "params" not in kwargs:
+        dummy = [{"params": [torch.nn.Parameter(torch.zeros(1))], "weight_decay": args.weight_decay}]
+        try:
+            opt_cls(dummy, **kwargs)
+        except ValueError as e:  # torch: "Invalid learning rate: -1.0", "Invalid beta parameter at index 0: 2.0"
+            keys = [k for k, words in OPTIMIZER_KEYS.items() if any(w in str(e).lower() for w in words)]
+            fields = ", ".join(f"algo.args.{k}={getattr(args, k)}" for k in keys or ["optim"])
+            optim = getattr(args.optim, "value", args.optim)
+            raise ConfigError(f"{fields}: the optimizer ({optim}) refuses it: {e}") from None
+
+
+# torch optimizers name the argument they refuse; these are the TrainingArguments fields behind each
+OPTIMIZER_KEYS = {
+    "learning_rate": ("learning rate",),
+    "adam_beta1": ("index 0",),
+    "adam_beta2": ("index 1",),
+    "adam_epsilon": ("epsilon",),
+    "weight_decay": ("weight_decay", "weight decay"),
+}
 
 
 def _validate_rl(cfg) -> None:

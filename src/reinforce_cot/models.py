@@ -8,6 +8,7 @@ checkpoint (a stage's `final/` or `merged/`, or a run dir, whose newest stage is
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -50,6 +51,25 @@ def _has_weights(p: Path) -> bool:
 
 def is_local(path: str) -> bool:
     return Path(path).expanduser().exists()
+
+
+@functools.lru_cache(maxsize=16)
+def check_hub_id(repo: str, key: str = "model.path") -> None:
+    """A hub id must be readable before anything is written: its config.json from the hub, or with
+    HF_HUB_OFFLINE=1 (or no network) from the local hub cache, read as from_pretrained reads it."""
+    from huggingface_hub import constants
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(repo)
+    except (OSError, ValueError) as e:
+        if constants.HF_HUB_OFFLINE:
+            why = f"not in the local hub cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1"
+        else:
+            why = " ".join(str(e).split()[:40]) or type(e).__name__  # no such repo, no network, gated...
+        raise ConfigError(
+            f"{key}={repo}: {why}; download it first (hf download {repo}) or give a local folder"
+        ) from None
 
 
 def load_processing_class(path: str, model_cfg):

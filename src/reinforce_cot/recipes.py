@@ -83,10 +83,12 @@ def compose_stages(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict
                 _use_data_from(scfg, stage, by_name, ids, sid, run_dir, out)
             if stage.kind == "evaluate":
                 scfg.stage.targets = [i for i, s in zip(ids, stages) if s.kind in ("train", "merge") and i < sid]
-        if stage.get("algo_kind") and scfg.algo.kind != stage.algo_kind:
+        kinds = stage.get("algo_kind") or []  # one kind or a list
+        kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+        if kinds and scfg.algo.kind not in kinds:
             raise ConfigError(
-                f"recipe={cfg.recipe.name}: stage '{stage.name}' needs an algo of kind {stage.algo_kind}, "
-                f"got algo={scfg.algo.name}; pick an {stage.algo_kind} algo or use recipe=single"
+                f"recipe={cfg.recipe.name}: stage '{stage.name}' needs an algo of kind {' or '.join(kinds)}, "
+                f"got algo={scfg.algo.name} ({scfg.algo.kind}); pick such an algo or use recipe=single"
             )
         dropped = [o for o in user if o not in keep]
         if dropped:

@@ -47,9 +47,17 @@ def resolve_run_dir(resume, fresh: str) -> str:
     """Hydra's run dir: the run dir being resumed, else a fresh timestamped one.
 
     A fresh dir is claimed with an exclusive mkdir: two runs started in the same second (the name's
-    resolution) get `<name>` and `<name>_2` instead of sharing, and resuming, one folder."""
+    resolution) get `<name>` and `<name>_2` instead of sharing, and resuming, one folder. A resume of a
+    folder that is not a run dir stops here, with one line and exit code 2: Hydra makes the run dir and
+    its output.log right after this, and nothing may be written for a typo."""
     if resume:
-        return str(Path(resume).expanduser().resolve())
+        path = Path(resume).expanduser().resolve()
+        try:
+            check_resumable(path)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        return str(path)
     Path(fresh).parent.mkdir(parents=True, exist_ok=True)
     for n in range(1, 1000):
         candidate = fresh if n == 1 else f"{fresh}_{n}"
@@ -87,9 +95,8 @@ def failure(run_dir: Path) -> str | None:
 
 def check_resumable(run_dir: Path) -> None:
     if not (run_dir / "backup" / "config.yaml").is_file():
-        raise ConfigError(
-            f"resume={run_dir}: not a run dir (no backup/config.yaml); pass a folder such as outputs/<date>_<name>"
-        )
+        what = "does not exist" if not run_dir.exists() else "is not a run dir (no backup/config.yaml)"
+        raise ConfigError(f"resume={run_dir}: {what}; pass a run dir such as outputs/<date>_<name>")
 
 
 def _git(*args: str) -> str:
