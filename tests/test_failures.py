@@ -160,7 +160,7 @@ BAD_INPUT = {
     "batch size": (["recipe=single", "algo=sft", "algo.args.per_device_train_batch_size=0"], "must be >= 1"),
     "TRL's own check": (
         ["recipe=single", "algo=sft", "algo.args.logging_steps=0"],
-        "requires non-zero --logging_steps",
+        "algo=sft: logging strategy IntervalStrategy.STEPS requires non-zero algo.args.logging_steps",
     ),
     # offline (tests run with HF_HUB_OFFLINE=1): the hub id is looked up in the local hub cache
     "hub id": (["recipe=single", "algo=sft", "model.path=nobody/no-such-model"], "not in the local hub cache"),

@@ -7,6 +7,7 @@ trainer config is instantiated here once.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from hydra.utils import instantiate
@@ -70,11 +71,9 @@ def _validate_trainer(algo) -> None:
     try:
         instantiate(algo.trainer)  # a partial: the class must import
         args = instantiate(algo.args, output_dir="/tmp/reinforce_cot_validate", _convert_="all")
-    except InstantiationException as e:
-        cause = e.__cause__ or e
-        raise ConfigError(
-            f"algo={algo.name}: {' '.join(str(cause).split())} (a field of algo.args or algo.trainer)"
-        ) from None
+    except InstantiationException as e:  # TRL's / transformers' own words, its `--field`s named as our keys
+        cause = re.sub(r"--(\w+)", r"algo.args.\1", " ".join(str(e.__cause__ or e).split()))
+        raise ConfigError(f"algo={algo.name}: {cause}") from None
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
         if getattr(args, key) < 1:
             raise ConfigError(f"algo.args.{key}={getattr(args, key)}: must be >= 1")
