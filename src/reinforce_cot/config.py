@@ -2,7 +2,8 @@
 
 Each rule raises `ConfigError` with one line that names the key and the fix (verl's `???` fields and
 `__post_init__` checks, applied to Hydra configs). TRL's own config checks run too, because the
-trainer config is instantiated here once.
+trainer config is instantiated here once, and so do the optimizer's (lr, betas, eps, weight decay),
+by building the configured optimizer on a dummy parameter: torch checks them only after the model loads.
 """
 
 from __future__ import annotations
@@ -77,7 +78,13 @@ def _validate_trainer(algo) -> None:
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
         if getattr(args, key) < 1:
             raise ConfigError(f"algo.args.{key}={getattr(args, key)}: must be >= 1")
-    opt_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    optim = getattr(args.optim, "value", args.optim)
+    try:
+        opt_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    except ImportError as e:  # its package is missing here (bitsandbytes, torchao, ...)
+        raise ConfigError(f"algo.args.optim={optim}: {' '.join(str(e).split())}") from None
+    except ValueError:  # optimizers built around the model (GaLore, APOLLO, LOMO): checked when they are made
+        return
     if isinstance(opt_cls, type) and issubclass(opt_cls, torch.optim.Optimizer) and "params" not in kwargs:
         dummy = [{"params": [torch.nn.Parameter(torch.zeros(1))], "weight_decay": args.weight_decay}]
         try:
@@ -85,7 +92,6 @@ def _validate_trainer(algo) -> None:
         except ValueError as e:  # torch: "Invalid learning rate: -1.0", "Invalid beta parameter at index 0: 2.0"
             keys = [k for k, words in OPTIMIZER_KEYS.items() if any(w in str(e).lower() for w in words)]
             fields = ", ".join(f"algo.args.{k}={getattr(args, k)}" for k in keys or ["optim"])
-            optim = getattr(args.optim, "value", args.optim)
             raise ConfigError(f"{fields}: the optimizer ({optim}) refuses it: {e}") from None
 
 
