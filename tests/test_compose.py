@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from reinforce_cot import recipes
+from reinforce_cot.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ["model", "data", "algo", "reward", "hardware", "logger", "recipe", "experiment", "debug"]
@@ -66,14 +67,100 @@ def test_reward_composite_is_a_defaults_list(hydra_ctx):
     assert weights == [1.0, 0.5]
 
 
-def test_quickstart_stages_keep_your_overrides_for_your_algo_only(hydra_ctx, tmp_path):
-    user = ["algo=gspo", "algo.args.learning_rate=0.0005", "seed=3"]
+def test_your_overrides_win_in_every_stage_that_has_the_key(hydra_ctx, tmp_path):
+    user = ["algo=gspo", "algo.args.learning_rate=0.0005", "algo.args.num_train_epochs=5", "seed=3"]
     cfg = compose(config_name="train", overrides=user)
     stages = recipes.compose_stages(cfg, user, tmp_path)
     assert list(stages) == ["01_sft", "02_rl", "03_evaluate"]
     sft, rl = stages["01_sft"], stages["02_rl"]
-    assert sft.algo.name == "sft" and sft.algo.args.learning_rate == sft.model.lr.sft  # not the RL override
-    assert rl.algo.name == "gspo" and rl.algo.args.learning_rate == 0.0005
-    assert sft.seed == rl.seed == 3  # overrides outside the replaced group reach every stage
+    assert sft.algo.name == "sft" and rl.algo.name == "gspo"  # the SFT stage keeps its own choice of group
+    assert sft.algo.args.num_train_epochs == 5  # beats the stage's own 3
+    assert "num_train_epochs" not in rl.algo.args  # gspo's config has no such key: not added there
+    assert sft.algo.args.learning_rate == rl.algo.args.learning_rate == 0.0005
+    assert sft.seed == rl.seed == 3
     assert rl.model.init_from == str(tmp_path / "ckpt" / "01_sft")
     assert list(stages["03_evaluate"].stage.targets) == ["01_sft", "02_rl"]
+
+
+def test_a_stage_is_targeted_by_name(hydra_ctx, tmp_path):
+    user = ["stages.sft.algo.args.num_train_epochs=5", "stages.rl.algo=gspo", "stages.rl.algo.args.beta=0.04"]
+    stages = recipes.compose_stages(compose(config_name="train", overrides=user), user, tmp_path)
+    sft, rl, evaluate = stages.values()
+    assert (sft.algo.name, sft.algo.args.num_train_epochs) == ("sft", 5)
+    assert (rl.algo.name, rl.algo.args.beta) == ("gspo", 0.04)
+    assert evaluate.algo.name == "grpo" and "stages" not in rl  # nothing else moved
+
+
+def _leaves(cfg, prefix=""):
+    node = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+    if isinstance(node, dict):
+        return {k: v for key, sub in node.items() for k, v in _leaves(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+def test_a_sweep_over_a_key_only_one_stage_has_changes_that_stage(hydra_ctx, tmp_path):
+    # python train.py -m recipe=kimi reward.length.fn.warmup_steps=0.2,0.5: the jobs Hydra's sweeper makes,
+    # each composed into its stages as main would. The rl stage picks reward=kimi_length itself (the root
+    # config has r1, without `length`): the swept key must reach it, and nothing else may differ.
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    sweep = OverridesParser.create().parse_overrides(["recipe=kimi", "reward.length.fn.warmup_steps=0.2,0.5"])
+    jobs = BasicSweeper.split_arguments(sweep, None)[0]
+    stages = [recipes.compose_stages(compose(config_name="train", overrides=job), job, tmp_path) for job in jobs]
+    assert [s["03_rl"].reward.length.fn.warmup_steps for s in stages] == [0.2, 0.5]
+    a, b = ({sid: _leaves(cfg) for sid, cfg in s.items()} for s in stages)
+    differ = {(sid, k) for sid in a for k in a[sid].keys() | b[sid].keys() if a[sid].get(k) != b[sid].get(k)}
+    assert differ == {("03_rl", "reward.length.fn.warmup_steps")}
+
+
+def test_recipe_kimi_sampler_alpha_reaches_the_rl_stage(hydra_ctx, tmp_path):
+    user = ["recipe=kimi", "sampler.alpha=0.3"]  # the root's sampler (uniform) has no alpha; the rl stage's has
+    stages = recipes.compose_stages(compose(config_name="train", overrides=user), user, tmp_path)
+    assert (stages["03_rl"].sampler.name, stages["03_rl"].sampler.alpha) == ("curriculum", 0.3)
+
+
+NO_STAGE = {
+    "no stage has it": (
+        ["sampler.alpha=0.3"],
+        "sampler.alpha=0.3 reaches no stage of recipe=quickstart: none of its stages (sft, rl, evaluate) has "
+        "sampler.alpha; fix the key, or pick another sampler that has it (for one stage: stages.<name>.sampler=...)",
+    ),
+    "typo": (
+        ["algo.args.no_such_field=1"],
+        "algo.args.no_such_field=1 reaches no stage of recipe=quickstart: none of its stages (sft, rl, evaluate) "
+        "has algo.args.no_such_field; fix the key, or pick another algo that has it (for one stage: stages.<name>.algo=...)",
+    ),
+    "no such stage": (
+        ["stages.grpo.seed=1"],
+        "stages.grpo.seed=1: recipe=quickstart has no stage 'grpo'; use one of sft, rl, evaluate",
+    ),
+    "not in that stage": (
+        ["stages.rl.sampler.alpah=1"],
+        "stages.rl.sampler.alpah=1: stage rl's config has no sampler.alpah; fix the key",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(NO_STAGE))
+def test_an_override_that_reaches_no_stage_stops_the_run(hydra_ctx, tmp_path, case):
+    user, message = NO_STAGE[case]
+    cfg = compose(config_name="train", overrides=user)
+    with pytest.raises(ConfigError) as e:
+        recipes.compose_stages(cfg, user, tmp_path)
+    assert str(e.value) == message
+
+
+def test_an_override_a_resume_would_ignore_is_refused(hydra_ctx, tmp_path):
+    run_dir = tmp_path / "run"  # a run started with these overrides (what backup/ records)
+    (run_dir / "backup").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(["recipe=single", "seed=1"]), run_dir / "backup" / "overrides.yaml")
+    OmegaConf.save(compose(config_name="train"), run_dir / "backup" / "config.yaml")
+    user = [f"resume={run_dir}", "algo.args.max_steps=20"]
+    with pytest.raises(ConfigError) as e:
+        recipes.run(compose(config_name="train", overrides=user), run_dir, user)
+    assert str(e.value) == (
+        f"resume={run_dir} replays the run's own config, so algo.args.max_steps=20 would be ignored; drop it, or "
+        f"start a new run from this one's weights (model.init_from={run_dir})"
+    )
+    assert not list((run_dir / "backup").glob("resume-*"))  # refused before the resume is recorded

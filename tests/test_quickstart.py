@@ -11,10 +11,8 @@ def test_quickstart_end_to_end(train):
         # half the default data, SFT in batches of 16 (300 steps, as many as the default's) and 8 RL steps:
         # enough for SFT to learn the format and to count above chance, in about a minute
         "data.train.n=1600",
-        'recipe.stages.0.overrides=["algo=sft","reward=none","algo.args.num_train_epochs=3",'
-        '"algo.args.per_device_train_batch_size=16"]',
-        "algo.args.max_steps=8",  # the RL stage's (a stage that picks algo=sft does not get algo.* overrides)
-        "algo.args.per_device_train_batch_size=16",
+        "algo.args.per_device_train_batch_size=16",  # both stages
+        "stages.rl.algo.args.max_steps=8",  # the RL stage only
         "eval.max_prompts=48",
     )
     assert run.returncode == 0, run

@@ -4,6 +4,7 @@ a complete run dir."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -103,4 +104,8 @@ def test_runs_started_in_the_same_second_get_their_own_dirs(tmp_path):
     fresh = str(tmp_path / "outputs" / "20260101_120000_quickstart")
     first, second = resolve_run_dir(None, fresh), resolve_run_dir(None, fresh)
     assert (first, second) == (fresh, fresh + "_2")
+    with pytest.raises(SystemExit):  # a resume of a folder that is not (yet) a run dir
+        resolve_run_dir(first, "ignored")
+    (Path(first) / "backup").mkdir()
+    (Path(first) / "backup" / "config.yaml").write_text("seed: 0\n")
     assert resolve_run_dir(first, "ignored") == first  # resume reuses the folder

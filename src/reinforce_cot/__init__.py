@@ -7,3 +7,5 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 __version__ = "0.1.0"
+
+from reinforce_cot import overrides as _overrides  # noqa: E402, F401  (registers key_check, which conf/train.yaml lists)

@@ -2,17 +2,19 @@
 
 Each rule raises `ConfigError` with one line that names the key and the fix (verl's `???` fields and
 `__post_init__` checks, applied to Hydra configs). TRL's own config checks run too, because the
-trainer config is instantiated here once.
+trainer config is instantiated here once, and so do the optimizer's (lr, betas, eps, weight decay),
+by building the configured optimizer on a dummy parameter: torch checks them only after the model loads.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from reinforce_cot import adapters, hardware, memory, parts  # hardware and parts also register rc.conf / rc.mul
+from reinforce_cot import adapters, hardware, memory, models, parts  # hardware and parts also register rc.conf / rc.mul
 from reinforce_cot.errors import ConfigError
 
 
@@ -36,6 +38,8 @@ def validate(cfg) -> None:
         raise ConfigError(
             f"model.path={m.path} does not exist; give a saved model folder or a hub id like Qwen/Qwen2.5-VL-3B-Instruct"
         )
+    if m.get("path") and not _looks_local(str(m.path)) and not m.get("init_from"):
+        models.model_config(m)  # an unknown hub id (offline: not in the cache) is one line here
     from_stage = (cfg.get("stage") or {}).get("init_from")  # made by an earlier stage of this run
     if m.get("init_from") and not from_stage and not Path(str(m.init_from)).expanduser().exists():
         raise ConfigError(f"model.init_from={m.init_from} does not exist; point it at a checkpoint folder or run dir")
@@ -51,11 +55,57 @@ def validate(cfg) -> None:
     if a.kind == "rl":
         _validate_rl(cfg)
     hardware.validate(cfg)  # GPU-only settings (CUDA, vLLM, qlora + vLLM, DeepSpeed), before TRL's bf16 check
-    # TRL's own checks (in the launching parent without a CUDA device: hardware.no_cuda_context)
-    instantiate(a.args, output_dir="/tmp/reinforce_cot_validate", _convert_="all", **hardware.validation_args())
+    _validate_trainer(a)  # TRL's own checks (in the launching parent without a CUDA device: no_cuda_context)
     adapters.validate(cfg)  # peft targets match modules; qlora needs CUDA + bitsandbytes
     parts.validate(cfg)  # model.freeze / optim.lr_multipliers name existing parts
     memory.validate(cfg)  # GPU presets: memory per GPU from the model's config; refuses what cannot fit
+
+
+def _validate_trainer(algo) -> None:
+    """What the TRL trainer would refuse from its config alone, found before any weights load: TRL's and
+    transformers' own config checks (by building the config object), the trainer class, batch sizes, and
+    the optimizer's checks of lr, betas, eps and weight decay, which torch runs only when the optimizer is
+    made (after the model loaded): the configured optimizer is built here on one dummy parameter."""
+    import torch
+    from hydra.errors import InstantiationException
+    from transformers import Trainer
+
+    try:
+        instantiate(algo.trainer)  # a partial: the class must import
+        args = instantiate(
+            algo.args, output_dir="/tmp/reinforce_cot_validate", _convert_="all", **hardware.validation_args()
+        )
+    except InstantiationException as e:  # TRL's / transformers' own words, its `--field`s named as our keys
+        cause = re.sub(r"--(\w+)", r"algo.args.\1", " ".join(str(e.__cause__ or e).split()))
+        raise ConfigError(f"algo={algo.name}: {cause}") from None
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        if getattr(args, key) < 1:
+            raise ConfigError(f"algo.args.{key}={getattr(args, key)}: must be >= 1")
+    optim = getattr(args.optim, "value", args.optim)
+    try:
+        opt_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    except ImportError as e:  # its package is missing here (bitsandbytes, torchao, ...)
+        raise ConfigError(f"algo.args.optim={optim}: {' '.join(str(e).split())}") from None
+    except ValueError:  # optimizers built around the model (GaLore, APOLLO, LOMO): checked when they are made
+        return
+    if isinstance(opt_cls, type) and issubclass(opt_cls, torch.optim.Optimizer) and "params" not in kwargs:
+        dummy = [{"params": [torch.nn.Parameter(torch.zeros(1))], "weight_decay": args.weight_decay}]
+        try:
+            opt_cls(dummy, **kwargs)
+        except ValueError as e:  # torch: "Invalid learning rate: -1.0", "Invalid beta parameter at index 0: 2.0"
+            keys = [k for k, words in OPTIMIZER_KEYS.items() if any(w in str(e).lower() for w in words)]
+            fields = ", ".join(f"algo.args.{k}={getattr(args, k)}" for k in keys or ["optim"])
+            raise ConfigError(f"{fields}: the optimizer ({optim}) refuses it: {e}") from None
+
+
+# torch optimizers name the argument they refuse; these are the TrainingArguments fields behind each
+OPTIMIZER_KEYS = {
+    "learning_rate": ("learning rate",),
+    "adam_beta1": ("index 0",),
+    "adam_beta2": ("index 1",),
+    "adam_epsilon": ("epsilon",),
+    "weight_decay": ("weight_decay", "weight decay"),
+}
 
 
 def _validate_rl(cfg) -> None:

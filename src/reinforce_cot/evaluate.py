@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from reinforce_cot import evaluation, generation, models, report, rundir
 from reinforce_cot.errors import ConfigError
 from reinforce_cot.main import CONF_DIR, _route_library_logs
+from reinforce_cot.overrides import keys
 from reinforce_cot.recipes import format_table, instantiate_rows
 
 log = logging.getLogger("reinforce_cot")
@@ -97,7 +98,7 @@ def run(cfg: DictConfig, out_root: Path, overrides: list[str]) -> list[dict]:
     ckpts = list(cfg.ckpt) if OmegaConf.is_list(cfg.ckpt) else [cfg.ckpt]
     if not ckpts:
         raise ConfigError("ckpt=[]: give at least one checkpoint folder or run dir")
-    user_groups = {o.lstrip("+~").split("=", 1)[0].split(".")[0] for o in overrides}
+    user_groups = {key.split(".")[0] for key in keys(overrides)}
     plans = [plan(cfg, c, user_groups, out_root / "result") for c in ckpts]  # every check before any weights
     rundir.write_provenance(out_root, cfg, overrides, {})
     rows = []

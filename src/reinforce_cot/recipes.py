@@ -7,10 +7,11 @@ A recipe file (conf/recipe/) lists stages:
       - {name: rl, kind: train, init_from: sft, algo_kind: rl}
       - {name: evaluate, kind: evaluate}
 
-Each stage's config is `compose(train, <your overrides> + <stage overrides>)`. Where a stage selects a
-group itself (algo=sft), your overrides of that group's keys (algo.args.*) are left out of that stage:
-they were written for the algo you chose. `init_from: <stage>` starts from that stage's merged/ or
-final/ checkpoint. All stage configs are composed and validated, and the data loaded, before any
+Each stage's config is composed from conf/train.yaml with your group choices (except groups the stage
+chooses itself: the SFT stage keeps algo=sft), then the stage's overrides, then your other overrides in
+every stage whose config has that key (so they win there), then your `stages.<name>.<override>` for that
+stage alone; an override that reaches no stage is an error (the rule: reinforce_cot.overrides).
+`init_from: <stage>` starts from that stage's merged/ or final/ checkpoint. All stage configs are composed and validated, and the data loaded, before any
 weights load; they are saved to backup/stages/ so that `resume=<run dir>` replays exactly them.
 
 Stage kinds: train (any algo), curate (pass rates, difficulty buckets and the easy-to-hack filter:
@@ -41,35 +42,38 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from reinforce_cot import config as config_lib
 from reinforce_cot import data as data_lib
 from reinforce_cot import hardware, merge, parts, preference, rundir  # noqa: F401  (parts registers rc.mul)
+from reinforce_cot import overrides as overrides_lib
 from reinforce_cot.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
-def _group_of(override: str) -> str | None:
-    key = override.lstrip("+~").split("=", 1)[0]
-    return key if "." not in key and "=" in override else None
-
-
 def compose_stages(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict[str, DictConfig]:
-    """Compose, check and return every stage's config, keyed by stage id (01_sft, ...)."""
+    """Compose, check and return every stage's config, keyed by stage id (01_sft, ...); which of your
+    overrides each stage gets is reinforce_cot.overrides' rule."""
     from hydra import compose
+    from hydra.core.global_hydra import GlobalHydra
 
     stages = cfg.recipe.stages
     ids = [rundir.stage_id(i, s.name) for i, s in enumerate(stages)]
     by_name = {s.name: sid for s, sid in zip(stages, ids)}
-    user = [o for o in overrides if not o.startswith(("hydra.", "hydra/", "resume="))]
+    groups = set(GlobalHydra.instance().config_loader().list_groups("")) - {"hydra"}
+    plan = overrides_lib.Plan(overrides, groups, [str(s.name) for s in stages], cfg.recipe.name)
+    composed: dict[tuple, DictConfig] = {}  # stages with the same list share one composition
+
+    def compose_once(lines: list[str]) -> DictConfig:
+        if tuple(lines) not in composed:
+            composed[tuple(lines)] = compose(config_name="train", overrides=lines)
+        return composed[tuple(lines)].copy()
+
     out: dict[str, DictConfig] = {}
     for stage, sid in zip(stages, ids):
         own = list(stage.get("overrides") or [])
-        chosen = {g for g in map(_group_of, own) if g}
-        keep = [o for o in user if o.lstrip("+~").split("=", 1)[0].split(".")[0] not in chosen]
         if stage.get("data_from"):  # data an earlier stage writes: data=jsonl, paths filled in below
-            own = [*own, "data=jsonl"]
-            chosen.add("data")
-            keep = [o for o in user if o.lstrip("+~").split("=", 1)[0].split(".")[0] not in chosen]
-        scfg = compose(config_name="train", overrides=keep + own) if own else cfg.copy()
+            own.append("data=jsonl")
+        scfg = compose_once(plan.for_stage(str(stage.name), own, compose_once))
         with open_dict(scfg):
+            scfg.pop(overrides_lib.TARGET)  # {} here: a stage's targeted overrides are in its own list
             scfg.stage = {"id": sid, "name": stage.name, "kind": stage.kind}
             if stage.get("init_from"):
                 if stage.init_from not in by_name or ids.index(by_name[stage.init_from]) >= ids.index(sid):
@@ -83,15 +87,15 @@ def compose_stages(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict
                 _use_data_from(scfg, stage, by_name, ids, sid, run_dir, out)
             if stage.kind == "evaluate":
                 scfg.stage.targets = [i for i, s in zip(ids, stages) if s.kind in ("train", "merge") and i < sid]
-        if stage.get("algo_kind") and scfg.algo.kind != stage.algo_kind:
+        kinds = stage.get("algo_kind") or []  # one kind or a list
+        kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+        if kinds and scfg.algo.kind not in kinds:
             raise ConfigError(
-                f"recipe={cfg.recipe.name}: stage '{stage.name}' needs an algo of kind {stage.algo_kind}, "
-                f"got algo={scfg.algo.name}; pick an {stage.algo_kind} algo or use recipe=single"
+                f"recipe={cfg.recipe.name}: stage '{stage.name}' needs an algo of kind {' or '.join(kinds)}, "
+                f"got algo={scfg.algo.name} ({scfg.algo.kind}); pick such an algo or use recipe=single"
             )
-        dropped = [o for o in user if o not in keep]
-        if dropped:
-            log.info("[%s] selects %s itself; not applied there: %s", sid, sorted(chosen), dropped)
         out[sid] = scfg
+    plan.check_reached()
     return out
 
 
@@ -129,6 +133,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     resuming = bool(cfg.resume) or (run_dir / "backup" / "config.yaml").is_file()
     if resuming:
         rundir.check_resumable(run_dir)
+        _check_resume_overrides(run_dir, overrides)
         stage_cfgs = {p.stem: OmegaConf.load(p) for p in sorted((run_dir / "backup" / "stages").glob("*.yaml"))}
         if hardware.is_main():  # other ranks write nothing to the run dir
             rundir.note_resume(run_dir, overrides)
@@ -168,6 +173,21 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
             results[sid] = {"stage": sid, "ran_on_rank": 0}
         hardware.barrier()  # later stages read what this one wrote (merged/, result/)
     return results
+
+
+def _check_resume_overrides(run_dir: Path, overrides: list[str]) -> None:
+    """A resume replays the stage configs in backup/stages/: an override the run was not started with would
+    be ignored, so it is refused (a requeued Slurm job repeats its own overrides, which pass)."""
+    from reinforce_cot import runs
+
+    started = set(runs.overrides(run_dir))
+    new = [o for o in overrides if o not in started and overrides_lib.keys([o])[0] != "resume"]
+    new = [o for o in new if not o.startswith(("hydra.", "hydra/"))]
+    if new:
+        raise ConfigError(
+            f"resume={run_dir} replays the run's own config, so {' '.join(new)} would be ignored; drop it, or start "
+            f"a new run from this one's weights (model.init_from={run_dir})"
+        )
 
 
 ALL_RANKS = {"train"}  # stage kinds every process runs (multi-process training); the rest run on rank 0 only

@@ -18,6 +18,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from reinforce_cot import rundir
+from reinforce_cot.overrides import parse
+
 
 def run_dirs(folder: str | Path) -> list[Path]:
     """Run dirs under a sweep folder (multirun/<date>/<time>/) or any folder of run dirs (outputs/): every
@@ -38,7 +41,7 @@ def labels(dirs: list[Path], ignore: tuple[str, ...] = ("output_root", "hydra.",
     """For each run, the overrides whose value is not the same in every run: {key: value}.
 
     Two runs of `-m seed=0,1 algo=sft` are told apart by seed alone."""
-    parsed = {d: dict(o.lstrip("+~").split("=", 1) for o in overrides(d) if "=" in o) for d in dirs}
+    parsed = {d: {o.key_or_group: o.get_value_string() for o in parse(overrides(d)) if o.value_type} for d in dirs}
     parsed = {d: {k: v for k, v in kv.items() if not k.startswith(ignore)} for d, kv in parsed.items()}
     keys = sorted({k for kv in parsed.values() for k in kv})
     varying = [k for k in keys if len({kv.get(k) for kv in parsed.values()}) > 1]
@@ -46,11 +49,11 @@ def labels(dirs: list[Path], ignore: tuple[str, ...] = ("output_root", "hydra.",
 
 
 def status(run_dir: Path) -> str:
-    """ok (summary written), failed (result/FAILED), or incomplete (still running, or killed)."""
-    result = Path(run_dir) / "result"
-    if (result / "FAILED").exists():
+    """ok (summary written), failed (result/FAILED: rundir.failure says why), or incomplete (still running, or
+    killed from outside: resumable). The contract is in reinforce_cot.rundir."""
+    if rundir.failure(run_dir) is not None:
         return "failed"
-    return "ok" if (result / "summary.json").exists() else "incomplete"
+    return "ok" if (Path(run_dir) / "result" / "summary.json").exists() else "incomplete"
 
 
 def train_results(run_dir: Path) -> dict[str, dict]:
