@@ -50,6 +50,9 @@ def validate(cfg) -> None:
         raise ConfigError(f"eval.k={cfg.eval.k} must be >= 0 (samples per prompt; 0 skips sampled metrics)")
     if a.kind == "rl":
         _validate_rl(cfg)
+        from reinforce_cot import dynamic_sampling
+
+        dynamic_sampling.validate(cfg)  # algo.dynamic_sampling: GRPO-based trainer, metric names a reward
     hardware.validate(cfg)  # GPU-only settings (CUDA, vLLM, qlora + vLLM, DeepSpeed), before TRL's bf16 check
     instantiate(a.args, output_dir="/tmp/reinforce_cot_validate", _convert_="all")  # TRL's own checks
     adapters.validate(cfg)  # peft targets match modules; qlora needs CUDA + bitsandbytes

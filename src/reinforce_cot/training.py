@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hydra.utils import instantiate
 
-from reinforce_cot import adapters, hardware, models, parts, rewards, sampling
+from reinforce_cot import adapters, dynamic_sampling, hardware, models, parts, rewards, sampling
 from reinforce_cot import data as data_lib
 from reinforce_cot.rundir import write_json
 
@@ -73,6 +73,9 @@ def train_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: dict | None
     if cfg.algo.kind == "rl" and (cfg.get("sampler") or {}).get("_target_"):  # not TRL's own order
         make_trainer = sampling.with_sampler(make_trainer, cfg.sampler)
         log.info("[%s] sampler: %s", sid, cfg.sampler.name)
+    if dynamic_sampling.needed(cfg):  # DAPO's dynamic sampling and/or a generation budget
+        make_trainer = dynamic_sampling.with_dynamic_sampling(make_trainer, cfg.algo.dynamic_sampling)
+        log.info("[%s] dynamic sampling: %s", sid, dict(cfg.algo.dynamic_sampling))
     trainer = make_trainer(**kwargs)
     parts.install_lr_multipliers(trainer, cfg)
     log.info("[%s] %s", sid, adapters.describe_trainable(trainer.model))
