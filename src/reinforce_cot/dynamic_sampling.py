@@ -182,7 +182,7 @@ class DynamicSamplingMixin:
                     f"algo.dynamic_sampling.metric={self._rc_ds_metric}: no such reward (have "
                     f"{self.reward_func_names}); use one of them, or null for the weighted total"
                 )
-        if self._rc_ds_budget:
+        if self._rc_ds_budget is not None:
             self.add_callback(_BudgetStop(self))
 
     # ------------------------------------------------------------------------------ state
@@ -379,7 +379,7 @@ def with_dynamic_sampling(trainer_factory, dynamic_sampling_cfg):
 def needed(cfg) -> bool:
     """The algo asks for dynamic sampling or a generation budget."""
     ds = cfg.algo.get("dynamic_sampling") or {}
-    return cfg.algo.kind == "rl" and bool(ds.get("enabled") or ds.get("max_completions"))
+    return cfg.algo.kind == "rl" and bool(ds.get("enabled") or ds.get("max_completions") is not None)
 
 
 def validate(cfg) -> None:
