@@ -44,7 +44,14 @@ def compose(sft: Path | str, *overrides: str):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return hydra_compose(
             config_name="train",
-            overrides=["recipe=single", "algo=dapo", "debug=smoke", f"model.init_from={sft}", *HALF_UNIFORM, *overrides],
+            overrides=[
+                "recipe=single",
+                "algo=dapo",
+                "debug=smoke",
+                f"model.init_from={sft}",
+                *HALF_UNIFORM,
+                *overrides,
+            ],
         )
 
 

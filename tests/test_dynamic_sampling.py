@@ -14,13 +14,13 @@ import subprocess
 import sys
 import time
 
+import ds_helpers
 import pytest
+from conftest import ROOT, run_train
 from datasets import Dataset
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-import ds_helpers
-from conftest import ROOT, run_train
 from reinforce_cot import config, rewards, sampling
 from reinforce_cot.errors import ConfigError
 
@@ -154,8 +154,14 @@ def _compose(*overrides):
             ["algo=dapo", "reward=format"],
             "algo.dynamic_sampling.metric=accuracy: reward= has no such component (has ['format'])",
         ),
-        (["algo=dapo", "algo.dynamic_sampling.max_extra_rounds=-1"], "algo.dynamic_sampling.max_extra_rounds=-1: an integer >= 0"),
-        (["algo=grpo", "algo.dynamic_sampling.max_completions=0"], "algo.dynamic_sampling.max_completions=0: a positive number"),
+        (
+            ["algo=dapo", "algo.dynamic_sampling.max_extra_rounds=-1"],
+            "algo.dynamic_sampling.max_extra_rounds=-1: an integer >= 0",
+        ),
+        (
+            ["algo=grpo", "algo.dynamic_sampling.max_completions=0"],
+            "algo.dynamic_sampling.max_completions=0: a positive number",
+        ),
         (
             ["algo=rloo", "+algo.dynamic_sampling.enabled=true"],
             "algo.dynamic_sampling needs a GRPOTrainer-based algo (grpo, gspo, dapo, dr_grpo), not trl.RLOOTrainer",
