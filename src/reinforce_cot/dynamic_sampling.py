@@ -21,7 +21,10 @@ feeding steps_per_generation x num_iterations micro-steps):
 1. Round 1 generates and scores TRL's own batch (the dataloader's T prompts). Groups whose metric has
    zero spread (nan-aware std <= 1e-8, TRL's `frac_reward_zero_std` test) are dropped.
 2. While fewer than T informative groups are kept and fewer than `max_extra_rounds` extra rounds ran,
-   another T prompts are drawn and generated in TRL's layout (every process its contiguous slice).
+   more prompts are drawn and generated in TRL's layout (every process its contiguous slice): as many as
+   the missing groups over the share of informative groups seen so far in this batch (`extra_size`), at
+   most T. verl draws whole generation batches (often 3x oversampled) and discards the surplus; sizing
+   the round to need keeps the generation budget for groups that are trained.
 3. The first T informative groups (in generation order) are trained. If the rounds ran out, the batch
    holds what there is: the kept groups, rounded down to whole micro-batches on every process (a
    multiple of processes x steps_per_generation / gcd(G, that) groups); with none at all, round 1's batch
@@ -118,6 +121,22 @@ def groups_to_train(kept: int, target: int, unit: int) -> int:
     (32, 12, 0)
     """
     return target if kept >= target else kept // unit * unit
+
+
+def extra_size(missing: int, kept: int, generated: int, target: int, group_size: int, processes: int) -> int:
+    """Prompts for the next extra round: the `missing` groups over the share of informative groups seen so far
+    in this batch (`kept` of `generated`), at most `target`, rounded up so that every process gets the same
+    number of rows. Sized to need, not a whole generation batch, so that the budget is not spent on groups
+    that would be thrown away.
+
+    >>> extra_size(4, 28, 32, 32, 8, 1), extra_size(16, 16, 32, 32, 8, 1), extra_size(3, 0, 32, 32, 8, 1)
+    (5, 32, 32)
+    >>> extra_size(1, 7, 8, 8, 4, 8)  # 8 processes, 4 completions per prompt: prompts come in pairs
+    2
+    """
+    want = target if kept == 0 else min(target, math.ceil(missing * generated / kept))
+    step = processes // math.gcd(group_size, processes)
+    return min(target, math.ceil(want / step) * step)
 
 
 def prompts_of(inputs: list[dict]) -> list:
@@ -231,22 +250,22 @@ class DynamicSamplingMixin:
             )
         return sampler
 
-    def _rc_extra_rows(self, local_rows: int, exclude: set[int]) -> list[dict]:
-        """Dataset rows of one extra round for this process: T new prompts, each num_generations times, in
-        TRL's layout (the global batch cut into contiguous per-process slices)."""
+    def _rc_extra_rows(self, prompts: int, exclude: set[int]) -> list[dict]:
+        """Dataset rows of one extra round for this process: `prompts` new prompts, each num_generations times,
+        in TRL's layout (the round's global batch cut into equal contiguous per-process slices)."""
         from accelerate.utils import broadcast_object_list
 
         drawer = self._rc_ds_drawer
         chunk = [None]
         if self.accelerator.is_main_process:
-            chunk = [drawer.draw(drawer.position, key=self._rc_ds["extra_rounds"], exclude=exclude)]
+            chunk = [drawer.draw(drawer.position, key=self._rc_ds["extra_rounds"], exclude=exclude, size=prompts)]
         if self.accelerator.num_processes > 1:
             broadcast_object_list(chunk)
         self._rc_ds["extra_rounds"] += 1
         exclude.update(chunk[0])
         layout = [i for i in chunk[0] for _ in range(self.num_generations)]
-        start = self.accelerator.process_index * local_rows
-        mine = layout[start : start + local_rows]
+        local = len(layout) // self.accelerator.num_processes
+        mine = layout[self.accelerator.process_index * local : (self.accelerator.process_index + 1) * local]
         rows = {i: self._rc_ds_dataset[i] for i in set(mine)}
         return [dict(rows[i]) for i in mine]
 
@@ -291,8 +310,8 @@ class DynamicSamplingMixin:
         """Run the rounds; return this process's selected rows and the cache TRL's pass will read."""
         from accelerate.utils import gather_object
 
-        G, P, L = self.num_generations, self.accelerator.num_processes, len(inputs)
-        target = L * P // G
+        G, P = self.num_generations, self.accelerator.num_processes
+        target = len(inputs) * P // G
         unit = keep_unit(G, P, self.args.steps_per_generation)
         rounds: list[tuple[list[dict], torch.Tensor]] = []  # per round: every process's records, rewards
         kept: list[tuple[int, int]] = []  # (round, group) of informative groups, in generation order
@@ -300,8 +319,8 @@ class DynamicSamplingMixin:
         rows, generated = inputs, 0
         for r in range(1 + self._rc_ds_max_extra):
             if r:
-                rows = self._rc_extra_rows(L, exclude)
-            self._rc_count(L)
+                rows = self._rc_extra_rows(extra_size(target - len(kept), len(kept), generated, target, G, P), exclude)
+            self._rc_count(len(rows))
             prompts = prompts_of(rows)
             out = super()._generate(prompts)
             prompt_ids, completion_ids, tool_mask, completions, logprobs, extra, images, _ = out
@@ -315,7 +334,7 @@ class DynamicSamplingMixin:
                     "logprobs": logprobs[i] if logprobs is not None else None,
                     "images": images[i] if images is not None else None,
                 }
-                for i in range(L)
+                for i in range(len(rows))
             ]
             rounds.append((gather_object(records) if P > 1 else records, rewards))
             good = informative(self._rc_metric(rewards), G)

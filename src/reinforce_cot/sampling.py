@@ -118,22 +118,25 @@ class GroupedSampler(Sampler):
         """max(1 - s_i, floor) over `pool`: Kimi's prioritized sampling weights."""
         return torch.tensor([max(1.0 - self.success[i], self.floor) for i in pool], dtype=torch.float64)
 
-    def draw(self, position: int, key: int | None = None, exclude: set[int] | frozenset = frozenset()) -> list[int]:
+    def draw(
+        self, position: int, key: int | None = None, exclude: set[int] | frozenset = frozenset(), size: int | None = None
+    ) -> list[int]:
         """The chunk at `position`: batch_size distinct prompts from the pool.
 
-        With `key`, an extra chunk from the same pool and weights but its own generator (the extra rounds of
-        `dynamic_sampling`, numbered by key; negative seeds never meet a position's); `exclude` leaves out
-        prompts already drawn, as long as the pool keeps enough others."""
+        With `key`, an extra chunk of `size` prompts (default batch_size) from the same pool and weights but
+        with its own generator (the extra rounds of `dynamic_sampling`, numbered by key; negative seeds never
+        meet a position's); `exclude` leaves out prompts already drawn, as long as the pool keeps enough others."""
+        size = size or self.batch_size
         base = self.seed * 1_000_003
         gen = torch.Generator().manual_seed(base + position if key is None else -1 - (base + key))
         pool = self.pool(position)
         rest = [i for i in pool if i not in exclude] if exclude else pool
-        pool = rest if len(rest) >= self.batch_size else pool
+        pool = rest if len(rest) >= size else pool
         w = self.weights(pool)
         if w is None:
-            picks = torch.randperm(len(pool), generator=gen)[: self.batch_size]
+            picks = torch.randperm(len(pool), generator=gen)[:size]
         else:
-            picks = torch.multinomial(w, self.batch_size, replacement=False, generator=gen)
+            picks = torch.multinomial(w, size, replacement=False, generator=gen)
         return [pool[i] for i in picks.tolist()]
 
     def __iter__(self):
