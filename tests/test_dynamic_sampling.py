@@ -185,3 +185,20 @@ def test_dapo_and_dr_grpo_are_trls_settings(tmp_path):
     assert overlong[1] == 1.0
     # L_max follows the generation cap (20), buffer 8: 0 up to 12 tokens, then down to -1 at 20
     assert overlong[0]([[0] * 12, [0] * 16, [0] * 20]) == [0.0, -0.5, -1.0]
+
+
+@pytest.mark.parametrize("arm", ["grpo", "dapo", "dapo_no_ds"])
+def test_ablation_arms_compose_and_differ_only_where_they_should(arm):
+    """The presets of experiments/dapo_ablation (nested: test_compose covers top-level presets only)."""
+    path = ROOT / "conf" / "experiment" / "dapo_ablation" / f"{arm}.yaml"
+    head = path.read_text().splitlines()[:3]
+    assert head[0] == "# @package _global_" and "python train.py" in head[1] and f"dapo_ablation/{arm}" in head[1]
+    cfg = _compose(f"experiment=dapo_ablation/{arm}", "model.init_from=/tmp")
+    ds = cfg.algo.dynamic_sampling
+    assert ds.max_completions == 5120 and cfg.algo.args.save_total_limit is None  # the shared budget
+    assert (cfg.algo.name, ds.enabled) == {
+        "grpo": ("grpo", False),
+        "dapo": ("dapo", True),
+        "dapo_no_ds": ("dapo", False),
+    }[arm]
+    assert list(cfg.reward) == (["accuracy", "format"] if arm == "grpo" else ["accuracy", "format", "overlong"])
