@@ -8,15 +8,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import ds_helpers
 import pytest
-from conftest import ROOT, run_train
+from conftest import ROOT, kill_at_checkpoint, run_train
 from datasets import Dataset
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
@@ -90,32 +88,18 @@ def test_sigkill_then_resume_stops_at_the_same_generation_budget(tmp_path, sft_c
     """max_completions=192 with 2 rounds of 16 completions per step (spg 1) ends the run at step 6. Killed
     after checkpoint 2 and resumed, it must end there too: the counts (and the prioritized sampler's
     success rates, fed by every round) come back from the checkpoint instead of restarting."""
-    out = tmp_path / "outputs"
     overrides = [
         "recipe=single", "algo=dapo", "debug=smoke", f"model.init_from={sft_checkpoint}", *ds_helpers.HALF_UNIFORM,
         "algo.args.num_generations=4", "algo.args.steps_per_generation=1", "algo.args.max_steps=12",
         "algo.dynamic_sampling.max_completions=192", "algo.args.save_steps=2", "algo.args.save_total_limit=null",
         "sampler=prioritized", "sampler.success_reward=half", "eval.k=0",
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, str(ROOT / "train.py"), f"output_root={out}", *overrides]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    state, deadline = None, time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        found = list(out.glob("*/ckpt/01_dapo/checkpoint-2/trainer_state.json"))
-        if found:
-            state = found[0]
-            os.kill(proc.pid, signal.SIGKILL)  # as a preemption would: no clean-up
-            break
-        time.sleep(0.05)
-    proc.wait()
-    assert state is not None, "no checkpoint appeared before the run ended"
-    run_dir = state.parents[3]
-    assert not (run_dir / "result" / "01_dapo.json").exists()  # it really was cut short
-    saved = json.loads((state.parent / "dynamic_sampling.json").read_text())
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    run_dir = kill_at_checkpoint(tmp_path, "01_dapo/checkpoint-2", *overrides, env=env)
+    saved = json.loads((run_dir / "ckpt" / "01_dapo" / "checkpoint-2" / "dynamic_sampling.json").read_text())
     assert (saved["completions"], saved["extra_rounds"]) == (64, 2)
 
-    resumed = run_train(tmp_path, f"resume={run_dir}", env={"PYTHONPATH": env["PYTHONPATH"]})
+    resumed = run_train(tmp_path, f"resume={run_dir}", env=env)
     assert resumed.returncode == 0, resumed
     result = json.loads((run_dir / "result" / "01_dapo.json").read_text())
     assert result["global_step"] == 6  # stopped by the budget, as the uninterrupted run does
