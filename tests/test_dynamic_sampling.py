@@ -179,7 +179,7 @@ def test_ablation_arms_compose_and_differ_only_where_they_should(arm):
     assert head[0] == "# @package _global_" and "python train.py" in head[1] and f"dapo_ablation/{arm}" in head[1]
     cfg = _compose(f"experiment=dapo_ablation/{arm}", "model.init_from=/tmp")
     ds = cfg.algo.dynamic_sampling
-    assert ds.max_completions == 5120 and cfg.algo.args.save_total_limit is None  # the shared budget
+    assert ds.max_completions == 10240 and cfg.algo.args.save_total_limit is None  # the shared budget
     assert (cfg.algo.name, ds.enabled) == {
         "grpo": ("grpo", False),
         "dapo": ("dapo", True),
