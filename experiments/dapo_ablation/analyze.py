@@ -49,27 +49,38 @@ def eval_file(run_dir: Path, label: str) -> Path:
 
 def curve(run_dir: Path, sft_point: dict) -> tuple[str, list[dict]]:
     """The run's train stage and its points: (step, completions, train seconds, greedy, sampled) at the start,
-    at every evaluated checkpoint, and at the end (the recipe's own evaluation of final/)."""
+    at every evaluated checkpoint, and at the end (the recipe's own evaluation of final/). Completions come from
+    each checkpoint's dynamic_sampling.json; seconds from the TensorBoard log times (interpolated between
+    logged steps), counted back from the stage's train_runtime at its last log."""
+    import numpy as np
+
     stage, train = next(iter(runs.train_results(run_dir).items()))
     logged = runs.scalars(run_dir, "train/dynamic_sampling/completions", wall_time=True)[stage]
-    last_wall = logged[-1][2]
-    # seconds of training at each logged step: the stage's train_runtime, counted back from its last log
-    at = {s: (c, train["train_metrics"]["train_runtime"] - (last_wall - w)) for s, c, w in logged}
+    steps, walls = [s for s, _, _ in logged], [w for _, _, w in logged]
+    runtime = train["train_metrics"]["train_runtime"]
+
+    def seconds(step: int) -> float:
+        return runtime - (walls[-1] - float(np.interp(step, steps, walls)))
+
     points = [sft_point]
     for ck in sorted((run_dir / "ckpt" / stage).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
-        step = int(ck.name.split("-")[1])
-        f = eval_file(run_dir, ck.name)
-        if step < train["global_step"] and f.is_file() and step in at:
+        step, f = int(ck.name.split("-")[1]), eval_file(run_dir, ck.name)
+        done = json.loads((ck / "dynamic_sampling.json").read_text())["completions"]
+        if step < train["global_step"] and f.is_file():
             m = json.loads(f.read_text())["metrics"]
-            points.append({"step": step, "completions": at[step][0], "train_s": at[step][1],
+            points.append({"step": step, "completions": done, "train_s": seconds(step),
                            "greedy": m["greedy_accuracy"], "sampled": m["sampled_accuracy"]})  # fmt: skip
     final = next(
         r for r in json.loads((run_dir / "result" / "summary.json").read_text())["rows"] if r["stage"] == stage
     )
-    s = train["global_step"]
-    points.append({"step": s, "completions": at[s][0], "train_s": train["train_metrics"]["train_runtime"],
+    points.append({"step": train["global_step"], "completions": logged[-1][1], "train_s": runtime,
                    "greedy": final["greedy_acc"], "sampled": final["sampled_acc"]})  # fmt: skip
     return stage, points
+
+
+def final_row(run_dir: Path, stage: str) -> dict:
+    """The run's own evaluation of its final model (result/summary.json)."""
+    return next(r for r in json.loads((run_dir / "result" / "summary.json").read_text())["rows"] if r["stage"] == stage)
 
 
 def dynamic_stats(run_dir: Path, stage: str) -> dict:
@@ -158,7 +169,8 @@ def main() -> None:
             "train_s": round(end["train_s"]), "greedy": end["greedy"], "sampled": end["sampled"],
             "filtered_first": ff[0] if ff else None, "filtered_mean": sum(ff) / len(ff) if ff else None,
             "extra_rounds_mean": sum(st["dynamic_sampling/extra_rounds"]) / len(ff) if ff else None,
-            "zero_std_trained_first": (st["frac_reward_zero_std"] or [None])[0],
+            "zero_std_trained_mean": sum(st["frac_reward_zero_std"]) / len(st["frac_reward_zero_std"]),
+            "mean_len": final_row(d, stage)["mean_len"],
         })  # fmt: skip
     share = uniform_share(args.sft)
     results, plots = HERE / "results", HERE / "plots"
@@ -166,7 +178,8 @@ def main() -> None:
     out = {"sft": {**sft, "uniform_groups": share}, "runs": rows, "mean": runs.aggregate(rows),
            "curves": {f"{a}/seed{s}": pts for (a, s), pts in curves.items()}}  # fmt: skip
     (results / "runs.json").write_text(json.dumps(out, indent=1))
-    cols = ["arm", "seed", "steps", "completions", "train_s", "greedy", "sampled", "filtered_mean", "extra_rounds_mean"]
+    cols = ["arm", "seed", "steps", "completions", "train_s", "greedy", "sampled", "mean_len", "zero_std_trained_mean",
+            "filtered_mean", "extra_rounds_mean"]  # fmt: skip
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += [
