@@ -186,3 +186,26 @@ def test_ablation_arms_compose_and_differ_only_where_they_should(arm):
         "dapo_no_ds": ("dapo", False),
     }[arm]
     assert list(cfg.reward) == (["accuracy", "format"] if arm == "grpo" else ["accuracy", "format", "overlong"])
+
+
+def test_an_iterable_dataset_is_refused(sft_checkpoint):
+    """Extra rounds draw prompts by index: a streaming dataset cannot serve them."""
+    import functools
+
+    import trl
+    from datasets import IterableDataset
+
+    from reinforce_cot import dynamic_sampling, models
+
+    cfg = ds_helpers.compose(sft_checkpoint)
+    rows = [{"prompt": [{"role": "user", "content": "q"}], "answer": "1"}] * 8
+    make = dynamic_sampling.with_dynamic_sampling(functools.partial(trl.GRPOTrainer), cfg.algo.dynamic_sampling)
+    with pytest.raises(ConfigError, match="needs a dataset with random access"):
+        make(
+            model=models.load_model(str(sft_checkpoint), cfg.model),
+            args=trl.GRPOConfig(output_dir="/tmp/rcot_ds_iterable", per_device_train_batch_size=8, max_steps=1,
+                                use_cpu=True, bf16=False, report_to=[]),
+            reward_funcs=[ds_helpers.half_uniform],
+            train_dataset=IterableDataset.from_generator(lambda: iter(rows)),
+            processing_class=models.load_processing_class(str(sft_checkpoint), cfg.model),
+        )  # fmt: skip

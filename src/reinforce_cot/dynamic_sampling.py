@@ -6,12 +6,13 @@ normaliser and shrinks every step (DAPO, Yu et al. 2025, sec. 3.2). Dynamic samp
 generates for more prompts until the generation batch holds only informative ones:
 
     python train.py recipe=single algo=dapo reward=dapo
-    python train.py recipe=single algo=dapo reward=dapo algo.dynamic_sampling.metric=accuracy  # DAPO's filter
+    python train.py recipe=single algo=dapo reward=dapo algo.dynamic_sampling.metric=null  # any reward spread
     python train.py recipe=single algo=grpo algo.dynamic_sampling.enabled=true   # on any GRPO-based algo
 
 Settings (`algo.dynamic_sampling`, conf/algo/grpo.yaml): `enabled`; `max_extra_rounds` (extra generation
 rounds per generation batch at most); `metric` (null: the weighted total reward, i.e. exactly the groups
-with zero advantage; or one reward's name: `accuracy` is the paper's and verl's "acc"); `max_completions`
+with zero advantage; or one reward's name: `accuracy`, algo=dapo's, is the paper's and verl's "acc", and
+EasyR1's `filter_key=accuracy` with bounds (0.01, 0.99) on the group mean); `max_completions`
 (stop training at the first generation boundary once this many completions have been generated, also
 with `enabled: false`: the same generation budget for arms that generate different amounts per step).
 
@@ -35,8 +36,10 @@ Logged: `dynamic_sampling/filtered_fraction` (zero-spread groups / groups genera
 batch; `dynamic_sampling/prompts` (prompts drawn) and `dynamic_sampling/completions` (completions
 generated), both cumulative. TRL's own `frac_reward_zero_std` then describes the trained batch (~0).
 
-Where extra prompts come from. Like ms-swift (a separate resample iterator), not like verl (which keeps
-pulling its one dataloader, so an epoch ends after fewer optimizer steps): the dataloader feeds round 1
+Where extra prompts come from. Like ms-swift (a separate resample iterator), not like verl and EasyR1
+(which keep pulling their one dataloader, whole batches in verl, mini rollout batches in EasyR1, so an epoch
+ends after fewer optimizer steps; ms-swift falls back to the unfiltered batch when its retries run out,
+verl raises): the dataloader feeds round 1
 and keeps its epoch accounting; extra rounds are drawn by `sampling.GroupedSampler.draw(position, key)`,
 from the configured sampler's current pool and weights (curriculum: the prompts open at this point;
 prioritized: by failure rate, updated from every round's rewards, filtered groups included) or uniformly
@@ -195,6 +198,13 @@ class DynamicSamplingMixin:
                 raise ConfigError(
                     "algo.dynamic_sampling.enabled=true does not work with tools, environments or rollout_func "
                     "(their rows carry fields it does not keep); turn it off for this trainer"
+                )
+            from datasets import IterableDataset
+
+            if isinstance(self.train_dataset, IterableDataset | torch.utils.data.IterableDataset):
+                raise ConfigError(
+                    "algo.dynamic_sampling.enabled=true needs a dataset with random access for its extra rounds, "
+                    "not an iterable one; load the data as a datasets.Dataset or turn it off"
                 )
             if self._rc_ds_metric is not None and self._rc_ds_metric not in self.reward_func_names:
                 raise ConfigError(

@@ -119,7 +119,11 @@ class GroupedSampler(Sampler):
         return torch.tensor([max(1.0 - self.success[i], self.floor) for i in pool], dtype=torch.float64)
 
     def draw(
-        self, position: int, key: int | None = None, exclude: set[int] | frozenset = frozenset(), size: int | None = None
+        self,
+        position: int,
+        key: int | None = None,
+        exclude: set[int] | frozenset = frozenset(),
+        size: int | None = None,
     ) -> list[int]:
         """The chunk at `position`: batch_size distinct prompts from the pool.
 
