@@ -63,6 +63,33 @@ def run_train(tmp_path: Path, *overrides: str, timeout: int = 600, env: dict | N
     return Run(proc, tmp_path)
 
 
+def kill_at_checkpoint(tmp_path: Path, pattern: str, *overrides: str, env: dict | None = None) -> Path:
+    """Start `python train.py <overrides>` and SIGKILL it (as a preemption would: no clean-up) as soon as a
+    complete checkpoint matching `pattern` (under output_root) appears; returns the run dir, checked to be
+    unfinished."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "outputs"
+    cmd = [sys.executable, str(ROOT / "train.py"), f"output_root={out}", *overrides]
+    env = {**os.environ, **(env or {})}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    state, deadline = None, time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        found = list(out.glob(f"*/ckpt/{pattern}/trainer_state.json"))
+        if found:
+            state = found[0]
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert state is not None, "no checkpoint appeared before the run ended"
+    run_dir = state.parents[3]
+    assert not list((run_dir / "result").glob("[0-9][0-9]_*.json")), "the run finished before it was killed"
+    return run_dir
+
+
 @pytest.fixture
 def train(tmp_path):
     def _train(*overrides: str, **kw) -> Run:

@@ -3,39 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from conftest import ROOT, run_train
+from conftest import kill_at_checkpoint, run_train
 
 STEPS = 12
 
 
 def test_kill_then_resume_reaches_the_same_final_step(tmp_path):
-    out = tmp_path / "outputs"
-    cmd = [
-        sys.executable, str(ROOT / "train.py"), f"output_root={out}", "recipe=single", "algo=sft", "reward=none",
-        "debug=smoke", f"algo.args.max_steps={STEPS}", "algo.args.save_steps=4", "eval.k=0",
-        "algo.args.save_total_limit=null",
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    state = None
-    while time.time() < deadline and proc.poll() is None:
-        found = list(out.glob("*/ckpt/01_sft/checkpoint-4/trainer_state.json"))
-        if found:
-            state = found[0]
-            os.kill(proc.pid, signal.SIGKILL)  # as a preemption would: no clean-up
-            break
-        time.sleep(0.05)
-    proc.wait()
-    assert state is not None, "no checkpoint appeared before the run ended"
-    run_dir = state.parents[3]
-    assert not (run_dir / "result" / "01_sft.json").exists()  # it really was cut short
+    run_dir = kill_at_checkpoint(
+        tmp_path, "01_sft/checkpoint-4", "recipe=single", "algo=sft", "reward=none", "debug=smoke",
+        f"algo.args.max_steps={STEPS}", "algo.args.save_steps=4", "eval.k=0", "algo.args.save_total_limit=null",
+    )  # fmt: skip
 
     resumed = run_train(tmp_path, f"resume={run_dir}")
     assert resumed.returncode == 0, resumed

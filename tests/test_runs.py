@@ -67,3 +67,16 @@ def test_aggregate_averages_over_seeds(sweep):
     assert by_reward["kimi_length"]["greedy_acc"] == pytest.approx(0.7)
     assert by_reward["kimi_length"]["greedy_acc_std"] == pytest.approx(0.1414, abs=1e-4)
     assert "seed" not in by_reward["r1"] and "run" not in by_reward["r1"]
+
+
+def test_scalars_with_wall_time(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path / "tensorboard" / "01_grpo"))
+    for step, (value, t) in enumerate([(0.5, 100.0), (0.6, 130.0)], start=1):
+        writer.add_scalar("train/reward", value, step, walltime=t)
+    writer.close()
+    assert runs.scalars(tmp_path, "train/reward") == {"01_grpo": [(1, 0.5), (2, pytest.approx(0.6))]}
+    assert runs.scalars(tmp_path, "train/reward", wall_time=True) == {
+        "01_grpo": [(1, 0.5, 100.0), (2, pytest.approx(0.6), 130.0)]
+    }

@@ -54,6 +54,9 @@ def validate(cfg) -> None:
         raise ConfigError(f"eval.k={cfg.eval.k} must be >= 0 (samples per prompt; 0 skips sampled metrics)")
     if a.kind == "rl":
         _validate_rl(cfg)
+        from reinforce_cot import dynamic_sampling
+
+        dynamic_sampling.validate(cfg)  # algo.dynamic_sampling: GRPO-based trainer, metric names a reward
     hardware.validate(cfg)  # GPU-only settings (CUDA, vLLM, qlora + vLLM, DeepSpeed), before TRL's bf16 check
     _validate_trainer(a)  # TRL's own checks (in the launching parent without a CUDA device: no_cuda_context)
     adapters.validate(cfg)  # peft targets match modules; qlora needs CUDA + bitsandbytes

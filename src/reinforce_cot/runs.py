@@ -111,10 +111,11 @@ def _is_number(v) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
-def scalars(run_dir: Path, tag: str) -> dict[str, list[tuple[int, float]]]:
+def scalars(run_dir: Path, tag: str, wall_time: bool = False) -> dict[str, list[tuple]]:
     """A TensorBoard scalar (train/loss, train/reward, train/completions/mean_length, ...) per train stage:
     {stage: [(step, value), ...]}, from every event file of tensorboard/<stage>/ (a resumed run adds files;
-    a step logged twice keeps its last value)."""
+    a step logged twice keeps its last value). `wall_time=True` adds when each was logged:
+    (step, value, seconds since the epoch)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = {}
@@ -122,8 +123,8 @@ def scalars(run_dir: Path, tag: str) -> dict[str, list[tuple[int, float]]]:
         acc = EventAccumulator(str(stage_dir), size_guidance={"scalars": 0})
         acc.Reload()
         if tag in acc.Tags().get("scalars", []):
-            points = {e.step: e.value for e in acc.Scalars(tag)}
-            out[stage_dir.name] = sorted(points.items())
+            points = {e.step: (e.value, e.wall_time) for e in acc.Scalars(tag)}
+            out[stage_dir.name] = [(s, *v) if wall_time else (s, v[0]) for s, v in sorted(points.items())]
     return out
 
 

@@ -118,15 +118,29 @@ class GroupedSampler(Sampler):
         """max(1 - s_i, floor) over `pool`: Kimi's prioritized sampling weights."""
         return torch.tensor([max(1.0 - self.success[i], self.floor) for i in pool], dtype=torch.float64)
 
-    def draw(self, position: int) -> list[int]:
-        """The chunk at `position`: batch_size distinct prompts from the pool."""
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + position)
+    def draw(
+        self,
+        position: int,
+        key: int | None = None,
+        exclude: set[int] | frozenset = frozenset(),
+        size: int | None = None,
+    ) -> list[int]:
+        """The chunk at `position`: batch_size distinct prompts from the pool.
+
+        With `key`, an extra chunk of `size` prompts (default batch_size) from the same pool and weights but
+        with its own generator (the extra rounds of `dynamic_sampling`, numbered by key; negative seeds never
+        meet a position's); `exclude` leaves out prompts already drawn, as long as the pool keeps enough others."""
+        size = size or self.batch_size
+        base = self.seed * 1_000_003
+        gen = torch.Generator().manual_seed(base + position if key is None else -1 - (base + key))
         pool = self.pool(position)
+        rest = [i for i in pool if i not in exclude] if exclude else pool
+        pool = rest if len(rest) >= size else pool
         w = self.weights(pool)
         if w is None:
-            picks = torch.randperm(len(pool), generator=gen)[: self.batch_size]
+            picks = torch.randperm(len(pool), generator=gen)[:size]
         else:
-            picks = torch.multinomial(w, self.batch_size, replacement=False, generator=gen)
+            picks = torch.multinomial(w, size, replacement=False, generator=gen)
         return [pool[i] for i in picks.tolist()]
 
     def __iter__(self):
@@ -374,11 +388,17 @@ class SamplerMixin:
         return super().log(logs, *args, **kwargs)
 
 
-def with_sampler(trainer_factory, sampler_cfg):
-    """`trainer_factory` (a partial of a TRL trainer class) with the configured sampler swapped in."""
+def with_mixin(trainer_factory, mixin: type, **kwargs):
+    """`trainer_factory` (a TRL trainer class, or a partial of one) as a subclass with `mixin` first in its MRO,
+    bound to the same arguments plus `kwargs` (the mixin's own): how every trainer extension here is composed."""
     import functools
 
     func = trainer_factory.func if isinstance(trainer_factory, functools.partial) else trainer_factory
     bound = trainer_factory.keywords if isinstance(trainer_factory, functools.partial) else {}
-    cls = type(f"{func.__name__}WithSampler", (SamplerMixin, func), {})
-    return functools.partial(cls, **bound, sampler_cfg=sampler_cfg)
+    cls = type(f"{func.__name__}With{mixin.__name__.removesuffix('Mixin')}", (mixin, func), {})
+    return functools.partial(cls, **bound, **kwargs)
+
+
+def with_sampler(trainer_factory, sampler_cfg):
+    """`trainer_factory` (a partial of a TRL trainer class) with the configured sampler swapped in."""
+    return with_mixin(trainer_factory, SamplerMixin, sampler_cfg=sampler_cfg)

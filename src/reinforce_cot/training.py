@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hydra.utils import instantiate
 
-from reinforce_cot import adapters, hardware, models, parts, rewards, sampling, vllm_images
+from reinforce_cot import adapters, dynamic_sampling, hardware, models, parts, rewards, sampling, vllm_images
 from reinforce_cot import data as data_lib
 from reinforce_cot.rundir import write_json
 
@@ -75,6 +75,9 @@ def train_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: dict | None
         log.info("[%s] sampler: %s", sid, cfg.sampler.name)
     if vllm_images.needed(cfg):  # vLLM gets one placeholder per image, not TRL 1.16's expanded ids (trl#6294)
         make_trainer = vllm_images.with_vllm_images(make_trainer, cfg.model)
+    if dynamic_sampling.needed(cfg):  # DAPO's dynamic sampling and/or a generation budget
+        make_trainer = dynamic_sampling.with_dynamic_sampling(make_trainer, cfg.algo.dynamic_sampling)
+        log.info("[%s] dynamic sampling: %s", sid, dict(cfg.algo.dynamic_sampling))
     trainer = make_trainer(**kwargs)
     parts.install_lr_multipliers(trainer, cfg)
     log.info("[%s] %s", sid, adapters.describe_trainable(trainer.model))
