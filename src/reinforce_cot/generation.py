@@ -733,4 +733,5 @@ def load_here(cfg, path: str) -> Backend:
     placement = {"device_map": {"": dev.index}} if dev.type == "cuda" else {}
     processing_class = models.load_processing_class(path, cfg.model)
     model = models.load_model(path, cfg.model, **placement)
+    log.info("generating with %s on %s", path, model.device)
     return instantiate(cfg.generation)(model=model, processing_class=processing_class, data_cfg=cfg.data)

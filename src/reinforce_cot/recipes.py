@@ -159,7 +159,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         log.info("[%s] start: %s%s", sid, scfg.stage.kind, "" if scfg.stage.kind in ALL_RANKS else " (on rank 0)")
         stage_splits = _load_checked(scfg, splits)
         stage_fn = stage_kinds()[scfg.stage.kind]
-        with hardware.stage_scope():  # nothing the stage made outlives it: GPU memory, env, accelerate state
+        with hardware.stage_scope(sid):  # nothing the stage made outlives it: GPU memory, env, accelerate state
             if scfg.stage.kind in ALL_RANKS:
                 results[sid] = stage_fn(scfg, run_dir, sid, stage_splits, results)
             elif hardware.is_main():
