@@ -14,7 +14,9 @@ and comes back as `[]`, never silently dropped.
 Backends are selected by the `generation` config group (conf/generation/*.yaml, `_target_` +
 `_partial_`) and bound to a checkpoint by `load(cfg, path)`:
 
-- hf: batched `generate` with the local model in memory (CPU or GPU), left padding.
+- hf: batched `generate` with the local model in memory, left padding, on this rank's GPU (else the
+  CPU); greedy or plain sampling exactly (no checkpoint generation_config.json defaults). In a
+  multi-process run the ranks share the prompts (reinforce_cot.sharded).
 - vllm: vLLM's offline engine (`LLM.chat`) on GPU machines; `pip install -e '.[gpu]'`.
 - openai: any OpenAI-compatible chat-completions server (`vllm serve`, SGLang, `transformers serve`):
   images as base64 data URLs, asyncio + httpx with a concurrency limit, timeouts, retries with
@@ -123,6 +125,7 @@ class Backend:
     """What every backend shares: the prompt text, and the resumable JSONL path over `generate`."""
 
     in_process = False  # True: load() hands over the model in memory; False: the checkpoint path
+    shares_ranks = False  # True: in a multi-process run every rank loads it and runs `generate_batch` for rank 0
     requires: tuple[str, ...] = ()  # importable modules the backend needs (checked at validation)
     chunk_prompts = 64  # prompts per `generate` call in generate_to_jsonl (one line each after it)
     generated_by: list[int] | None = None  # the rank that generated each row of the last `generate` call
@@ -230,6 +233,7 @@ class HFBackend(Backend):
     what else ran before or on how many ranks share the work (reinforce_cot.sharded)."""
 
     in_process = True
+    shares_ranks = True
 
     def __init__(
         self, model, processing_class, data_cfg, batch_size: int = 64, max_new_tokens: int = 64, seed: int = 0
@@ -707,7 +711,7 @@ def load(cfg, path: str, cache_dir: str | Path | None = None) -> Backend:
 
     cls = backend_class(cfg.generation)
     if cls.in_process:
-        if sharded.world() > 1:  # rank 0 of several: every rank loads it and takes a share of the prompts
+        if cls.shares_ranks and sharded.world() > 1:  # rank 0 of several: every rank loads it, takes a share
             backend = sharded.everywhere("load", (cfg, path), lambda: load_here(cfg, path))
             backend.shared = True
             return backend

@@ -17,7 +17,14 @@ on the exit code.
 
 Only rank 0 writes: output.log (other ranks log to the console only, each line tagged with its rank),
 provenance (backup/), result JSON, final/ and merged/ (Trainer saves checkpoints on rank 0 itself),
-TensorBoard. Evaluate and merge stages run on rank 0 while the others wait at a barrier.
+TensorBoard. Evaluate, curate, rejection_sample and merge stages run on rank 0; meanwhile the other
+ranks generate their share of its prompts on their own GPU (reinforce_cot.sharded) and otherwise wait
+on a gloo group with a long timeout, never at an NCCL barrier (whose watchdog fires after 30 min).
+
+Each stage runs in `stage_scope`: what it made (trainer, DeepSpeed engine, vLLM, generation models,
+accelerate state, environment variables) is gone when it ends, and on a GPU the log says how much
+memory is left. CPU threads: 1 per process on CPU-only machines, the cores shared out among the
+processes where a GPU is visible (reinforce_cot.default_threads), unless OMP_NUM_THREADS is set.
 
 DeepSpeed JIT-compiles its ops on first use (1-3 min on a CPU): they are kept in TORCH_EXTENSIONS_DIR,
 by default ~/.cache/reinforce_cot/torch_extensions, so later runs and the tests reuse them.
