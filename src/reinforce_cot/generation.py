@@ -329,7 +329,7 @@ def decoding_config(model, temperature: float, max_new_tokens: int, pad_token_id
     stops = {k: getattr(model.generation_config, k, None) for k in STOP_TOKEN_FIELDS}
     stops["pad_token_id"] = pad_token_id if pad_token_id is not None else stops["pad_token_id"]
     if temperature > 0:
-        how = dict(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0, min_p=None)
+        how = dict(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0)
     else:
         how = dict(do_sample=False)
     neutral = dict(num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0, length_penalty=1.0, typical_p=1.0)
@@ -343,12 +343,14 @@ def _only_stop_tokens(model):
     checkpoint's stop and pad tokens, so nothing else of generation_config.json applies."""
     from transformers import GenerationConfig
 
-    own = model.generation_config
-    model.generation_config = GenerationConfig(**{k: getattr(own, k, None) for k in STOP_TOKEN_FIELDS})
+    # a PeftModel generates with its base model's generation_config
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    own = base.generation_config
+    base.generation_config = GenerationConfig(**{k: getattr(own, k, None) for k in STOP_TOKEN_FIELDS})
     try:
         yield
     finally:
-        model.generation_config = own
+        base.generation_config = own
 
 
 def _seed(*spec) -> int:
