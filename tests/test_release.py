@@ -12,6 +12,7 @@ import os
 import weakref
 from pathlib import Path
 
+import pytest
 import torch.distributed as dist
 from hydra import compose, initialize_config_dir
 
@@ -32,6 +33,7 @@ class StandInLLM:
         StandInLLM.shutdowns += 1
 
 
+@pytest.mark.slow  # 28-45 s on the loaded 2-core machine (imports TRL, trains 2 steps, evaluates 4 prompts)
 def test_a_finished_stage_leaves_nothing_behind(tmp_path, monkeypatch):
     # 2 steps, 4 prompts, no sampled or answer-only metrics: the stages only need to make things
     overrides = ["recipe=single", "algo=sft", "reward=none", "debug=smoke", "algo.args.max_steps=2", "eval.k=0",
