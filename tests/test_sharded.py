@@ -149,3 +149,28 @@ def test_two_processes_share_the_evaluate_stage_and_match_one_process(sft_checkp
         assert {r["id"]: r["completions"] for r in recs} == {r["id"]: r["completions"] for r in before}
         assert collections.Counter(r["rank"] for r in recs) == {0: 8, 1: 8}  # 16 prompts, batches alternate
     assert "generated 8 prompts x 1 for rank 0" in proc.stdout + proc.stderr  # logged by rank 1
+
+
+def test_vllm_backend_ignores_checkpoint_defaults_and_stops_its_engine(monkeypatch):
+    """vLLM cannot run here: a stand-in `vllm` module records what the backend asks of it."""
+    import types
+
+    made: list = []
+
+    class LLM:
+        def __init__(self, **kwargs):
+            self.kwargs, self.stopped = kwargs, False
+            self.llm_engine = types.SimpleNamespace(engine_core=self)
+            made.append(self)
+
+        def get_tokenizer(self):
+            return None
+
+        def shutdown(self):
+            self.stopped = True
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=dict))
+    cfg = cfg_for("generation=vllm")
+    with generation.VLLMBackend("/some/model", data_cfg=cfg.data) as backend:
+        assert made[0].kwargs["generation_config"] == "vllm"  # the checkpoint's top_k/top_p/penalty stay out
+    assert made[0].stopped and not hasattr(backend, "llm")  # the engine was shut down and let go

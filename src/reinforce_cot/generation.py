@@ -391,6 +391,7 @@ class VLLMBackend(Backend):
             seed=seed,
             enforce_eager=enforce_eager,
             limit_mm_per_prompt={"image": 1} if self.with_image else None,
+            generation_config="vllm",  # vLLM's neutral defaults, never the checkpoint's generation_config.json
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.chunk_prompts = 1024  # vLLM schedules its own batches; chunks only bound the resume granularity
