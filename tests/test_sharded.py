@@ -174,3 +174,31 @@ def test_vllm_backend_ignores_checkpoint_defaults_and_stops_its_engine(monkeypat
     with generation.VLLMBackend("/some/model", data_cfg=cfg.data) as backend:
         assert made[0].kwargs["generation_config"] == "vllm"  # the checkpoint's top_k/top_p/penalty stay out
     assert made[0].stopped and not hasattr(backend, "llm")  # the engine was shut down and let go
+
+
+WAITER = """
+import os, sys, time
+from datetime import timedelta
+import torch.distributed as dist
+from reinforce_cot import hardware
+
+dist.init_process_group("gloo", timeout=timedelta(seconds=2))  # the default group's watchdog: 2 s here, 30 min on GPUs
+from accelerate import PartialState
+PartialState(cpu=True)  # as a CPU stage's TrainingArguments sets it up (a GPU one: NCCL)
+if hardware.rank() == 0:
+    time.sleep(6)  # rank 0 alone: a merge, plots, an evaluation through a server...
+hardware.barrier()
+print("rank", hardware.rank(), "waited", flush=True)
+"""
+
+
+def test_waiting_ranks_outlast_the_default_groups_timeout(tmp_path):
+    """The ranks that wait for rank 0 (hardware.barrier, sharded.follow) wait on a gloo group with a long
+    timeout, not on the default group, whose timeout (ddp_timeout, 30 min) would kill them."""
+    script = tmp_path / "waiter.py"
+    script.write_text(WAITER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(script)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=os.environ)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0 waited" in proc.stdout and "rank 1 waited" in proc.stdout
