@@ -2,12 +2,17 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
+ifeq ($(origin OMP_NUM_THREADS),undefined)
+THREADS_FROM_MAKE := 1
+endif
 export OMP_NUM_THREADS ?= 1
+# The GPU check machine: `python3` there holds torch (no venv is made); see benchmarks/gpu_check.py
+GPU_PY ?= python3
 # Two workers: most tests wait on one single-threaded training subprocess, so 2 cores halve the wall time.
 # Slurm tests share one local cluster and stay on one worker (xdist_group, tests/conftest.py).
 PYTEST_ARGS ?= -n 2 --dist loadgroup
 
-.PHONY: help venv train test test-fast lint format bench clean
+.PHONY: help venv train test test-fast lint format bench gpu-wheels gpu-check clean
 
 help:  ## show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -40,6 +45,12 @@ format: venv  ## ruff fix + format
 
 bench: venv  ## the quickstart benchmark (benchmarks/README.md)
 	$(PY) benchmarks/quickstart.py
+
+gpu-wheels: venv  ## download what the GPU check machine lacks into .whl/ (git-ignored, ~9 MB)
+	$(PY) benchmarks/gpu_check.py --fetch-wheels
+
+gpu-check:  ## issue 9's GPU check on one GPU, <= 10 min, offline (benchmarks/gpu_check.py; ARGS=--cpu here)
+	$(if $(THREADS_FROM_MAKE),env -u OMP_NUM_THREADS) $(GPU_PY) benchmarks/gpu_check.py $(ARGS)
 
 clean:  ## remove run dirs and caches (not .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -155,7 +155,7 @@ def test_two_task_job_trains_with_two_gloo_processes(slurm, tmp_path):
     assert master, rank0
     assert "rank 1 of 2 on" in rank1 and f"(master {master.group(1)})" in rank1  # one rendezvous for both
     assert "[01_sft] done: 4 steps" in rank1  # rank 1 trained too
-    assert "[02_evaluate] start: evaluate (on rank 0)" in rank1  # and rank 1 does not evaluate
+    assert "[02_evaluate] start: evaluate (on rank 0)" in rank1  # rank 0 runs it; rank 1 only generates a share
     assert train["ranks"] == [0, 1] and train["distributed_type"] == "MULTI_CPU"  # gloo DDP across the 2 tasks
     log = (run_dir / "output.log").read_text()
     assert "rank 0 of 2" in log and "rank 1" not in log and log.count("run dir:") == 1

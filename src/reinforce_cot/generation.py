@@ -14,7 +14,9 @@ and comes back as `[]`, never silently dropped.
 Backends are selected by the `generation` config group (conf/generation/*.yaml, `_target_` +
 `_partial_`) and bound to a checkpoint by `load(cfg, path)`:
 
-- hf: batched `generate` with the local model in memory (CPU or GPU), left padding.
+- hf: batched `generate` with the local model in memory, left padding, on this rank's GPU (else the
+  CPU); greedy or plain sampling exactly (no checkpoint generation_config.json defaults). In a
+  multi-process run the ranks share the prompts (reinforce_cot.sharded).
 - vllm: vLLM's offline engine (`LLM.chat`) on GPU machines; `pip install -e '.[gpu]'`.
 - openai: any OpenAI-compatible chat-completions server (`vllm serve`, SGLang, `transformers serve`):
   images as base64 data URLs, asyncio + httpx with a concurrency limit, timeouts, retries with
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import importlib.util
 import io
@@ -122,8 +125,10 @@ class Backend:
     """What every backend shares: the prompt text, and the resumable JSONL path over `generate`."""
 
     in_process = False  # True: load() hands over the model in memory; False: the checkpoint path
+    shares_ranks = False  # True: in a multi-process run every rank loads it and runs `generate_batch` for rank 0
     requires: tuple[str, ...] = ()  # importable modules the backend needs (checked at validation)
     chunk_prompts = 64  # prompts per `generate` call in generate_to_jsonl (one line each after it)
+    generated_by: list[int] | None = None  # the rank that generated each row of the last `generate` call
 
     def __init__(self, model=None, processing_class=None, data_cfg=None, max_new_tokens: int = 64):
         self.model, self.processing_class, self.data_cfg = model, processing_class, data_cfg
@@ -142,6 +147,10 @@ class Backend:
 
     def generate(self, rows: list[dict], n: int = 1, temperature: float = 0.0, template: str | None = None):
         raise NotImplementedError
+
+    def chunk_size(self, n: int) -> int:
+        """Prompts per `generate` call in generate_to_jsonl (a JSON line each after it)."""
+        return self.chunk_prompts
 
     def fingerprint(self, n: int, temperature: float, template: str | None) -> str:
         """What makes two requests for the same row interchangeable: a file is reused only for these."""
@@ -183,12 +192,15 @@ class Backend:
         path = Path(path)
         keys, _, todo = self._todo(rows, path, n, temperature, template, retry_failed)
         out = _Appender(path)
+        step = self.chunk_size(n)
         try:
-            for start in range(0, len(todo), self.chunk_prompts):
-                idx = todo[start : start + self.chunk_prompts]
+            for start in range(0, len(todo), step):
+                idx = todo[start : start + step]
                 texts = self.generate([rows[i] for i in idx], n=n, temperature=temperature, template=template)
-                for i, t in zip(idx, texts):
-                    out.write(_record(keys[i], rows[i], n, temperature, template, "ok", t))
+                by = self.generated_by or [None] * len(idx)
+                for i, t, rank in zip(idx, texts, by):
+                    extra = {} if rank is None else {"rank": rank}
+                    out.write(_record(keys[i], rows[i], n, temperature, template, "ok", t, **extra))
         finally:
             out.close()
         return self._collect(keys, path)
@@ -212,14 +224,34 @@ def _record(key, row, n, temperature, template, status, completions, error=None,
 
 
 class HFBackend(Backend):
-    """Batched HF `generate` with the model in memory."""
+    """Batched HF `generate` with the model in memory, on this rank's GPU when there is one.
+
+    Decoding is exactly what is asked (`decoding_config`): greedy, or plain sampling at the temperature,
+    never a checkpoint's generation_config.json defaults (Qwen2.5-VL-Instruct ships a repetition
+    penalty and top_k/top_p), so that hf and vllm score the same. Prompts go in batches of
+    `batch_size // n` prompts, each batch seeded from its own content: the samples do not depend on
+    what else ran before or on how many ranks share the work (reinforce_cot.sharded)."""
 
     in_process = True
+    shares_ranks = True
 
-    def __init__(self, model, processing_class, data_cfg, batch_size: int = 64, max_new_tokens: int = 64):
+    def __init__(
+        self, model, processing_class, data_cfg, batch_size: int = 64, max_new_tokens: int = 64, seed: int = 0
+    ):
         super().__init__(model, processing_class, data_cfg, max_new_tokens)
-        self.batch_size = batch_size
-        self.chunk_prompts = max(1, batch_size)
+        self.batch_size, self.seed = batch_size, seed
+        self.shared = False  # True: loaded on every rank by generation.load under sharded.leading()
+
+    def per_batch(self, n: int) -> int:
+        return max(1, self.batch_size // n)  # prompts per forward pass, each repeated n times
+
+    def chunk_size(self, n: int) -> int:
+        # whole batches for every rank, about batch_size prompts per rank: batches are then cut at the
+        # same places whatever the number of ranks
+        from reinforce_cot import sharded
+
+        ranks = sharded.world() if self.shared else 1
+        return self.per_batch(n) * ranks * max(1, n // ranks)
 
     def prompt(self, row: dict, template: str | None = None) -> str:
         messages = data_lib.prompt_messages(
@@ -228,34 +260,101 @@ class HFBackend(Backend):
         return self.processing_class.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def generate(self, rows: list[dict], n: int = 1, temperature: float = 0.0, template: str | None = None):
-        import torch
         from tqdm.auto import tqdm
 
-        self.model.eval()
-        out: list[list[str]] = []
-        per_batch = max(1, self.batch_size // n)  # prompts per forward pass, each repeated n times
+        from reinforce_cot import sharded
+
+        per = self.per_batch(n)
+        batches = [[rows[i] for i in range(s, min(s + per, len(rows)))] for s in range(0, len(rows), per)]
         bar = tqdm(total=len(rows), desc=f"generate n={n}", unit="prompt", disable=None)  # None: off without a tty
-        for start in range(0, len(rows), per_batch):
-            batch = rows[start : start + per_batch]
-            prompts = [self.prompt(r, template) for r in batch for _ in range(n)]
-            if self.with_image:
-                images = [r["image"] for r in batch for _ in range(n)]
-                enc = self.processing_class(text=prompts, images=images, padding=True, return_tensors="pt")
-            else:
-                enc = self.processing_class(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
-            enc = enc.to(self.model.device)
-            kwargs = dict(max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
-            if temperature > 0:
-                kwargs |= dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
-            else:
-                kwargs |= dict(do_sample=False)
-            with torch.no_grad():
-                ids = self.model.generate(**enc, **kwargs)
-            texts = self.tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            out += [texts[i * n : (i + 1) * n] for i in range(len(batch))]
+
+        def run(batch: list[dict]) -> list[list[str]]:
+            texts = self.generate_batch(batch, n, temperature, template)
             bar.update(len(batch))
+            return texts
+
+        if self.shared:  # batch i on rank i % world, gathered here
+            done, ranks = sharded.map_batches(batches, run, (n, temperature, template))
+        else:
+            done, ranks = [run(b) for b in batches], [0] * len(batches)
         bar.close()
-        return out
+        self.generated_by = [r for b, r in zip(batches, ranks) for _ in b]
+        return [texts for batch in done for texts in batch]
+
+    def generate_batch(self, batch: list[dict], n: int, temperature: float, template: str | None) -> list[list[str]]:
+        """`n` completions for each row of one batch (one forward pass of len(batch) x n sequences)."""
+        import torch
+
+        self.model.eval()
+        prompts = [self.prompt(r, template) for r in batch for _ in range(n)]
+        if self.with_image:
+            images = [r["image"] for r in batch for _ in range(n)]
+            enc = self.processing_class(text=prompts, images=images, padding=True, return_tensors="pt")
+        else:
+            enc = self.processing_class(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
+        enc = enc.to(self.model.device)
+        config = decoding_config(self.model, temperature, self.max_new_tokens, self.tokenizer.pad_token_id)
+        seed = _seed(self.seed, n, temperature, self.template(template), row_key(batch[0]))
+        dev = self.model.device
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), _only_stop_tokens(self.model):
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                ids = self.model.generate(**enc, generation_config=config)
+        texts = self.tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        return [texts[i * n : (i + 1) * n] for i in range(len(batch))]
+
+    def close(self) -> None:
+        """Drop the model (and on every rank, when shared) and hand its GPU memory back."""
+        from reinforce_cot import hardware, sharded
+
+        if self.shared:
+            self.shared = False
+            sharded.everywhere("close", None, self._drop)
+        else:
+            self._drop()
+        hardware.release_memory()
+
+    def _drop(self) -> None:
+        self.model = None
+
+
+STOP_TOKEN_FIELDS = ("eos_token_id", "bos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
+def decoding_config(model, temperature: float, max_new_tokens: int, pad_token_id: int | None):
+    """The whole decoding recipe as one GenerationConfig: greedy for temperature 0, else plain sampling
+    (top_k 0, top_p 1), no repetition penalty, no n-gram ban, one beam; what vLLM and TRL are asked for."""
+    from transformers import GenerationConfig
+
+    stops = {k: getattr(model.generation_config, k, None) for k in STOP_TOKEN_FIELDS}
+    stops["pad_token_id"] = pad_token_id if pad_token_id is not None else stops["pad_token_id"]
+    if temperature > 0:
+        how = dict(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0)
+    else:
+        how = dict(do_sample=False)
+    neutral = dict(num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0, length_penalty=1.0, typical_p=1.0)
+    return GenerationConfig(max_new_tokens=max_new_tokens, **neutral, **how, **stops)
+
+
+@contextlib.contextmanager
+def _only_stop_tokens(model):
+    """transformers fills every field a passed GenerationConfig leaves unset (None: suppress_tokens,
+    sequence_bias, min_p, ...) from `model.generation_config`; during our call that holds only the
+    checkpoint's stop and pad tokens, so nothing else of generation_config.json applies."""
+    from transformers import GenerationConfig
+
+    # a PeftModel generates with its base model's generation_config
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    own = base.generation_config
+    base.generation_config = GenerationConfig(**{k: getattr(own, k, None) for k in STOP_TOKEN_FIELDS})
+    try:
+        yield
+    finally:
+        base.generation_config = own
+
+
+def _seed(*spec) -> int:
+    return int(hashlib.sha1(json.dumps(spec).encode()).hexdigest()[:8], 16)
 
 
 class VLLMBackend(Backend):
@@ -292,6 +391,7 @@ class VLLMBackend(Backend):
             seed=seed,
             enforce_eager=enforce_eager,
             limit_mm_per_prompt={"image": 1} if self.with_image else None,
+            generation_config="vllm",  # vLLM's neutral defaults, never the checkpoint's generation_config.json
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.chunk_prompts = 1024  # vLLM schedules its own batches; chunks only bound the resume granularity
@@ -302,6 +402,16 @@ class VLLMBackend(Backend):
         params = SamplingParams(n=n, temperature=temperature, max_tokens=self.max_new_tokens, seed=self.seed)
         outs = self.llm.chat([self.messages(r, template) for r in rows], params, use_tqdm=True)
         return [[o.text for o in out.outputs] for out in outs]
+
+    def close(self) -> None:
+        """Stop the engine and hand its GPU memory back: a later stage may need the whole GPU."""
+        from reinforce_cot import hardware
+
+        llm = self.__dict__.pop("llm", None)
+        if llm is not None:
+            hardware.shutdown_vllm(llm)
+            del llm
+            hardware.release_memory()
 
 
 class _Malformed(Exception):
@@ -595,19 +705,22 @@ def validate(cfg) -> None:
 def load(cfg, path: str, cache_dir: str | Path | None = None) -> Backend:
     """The configured backend bound to the checkpoint at `path` (hf loads it; vllm/openai take the path).
 
+    An in-process backend loaded by rank 0 of several processes inside `sharded.leading()` is loaded on
+    every rank, each on its own GPU, and shares its prompts among them (reinforce_cot.sharded).
     `cache_dir`: where an openai backend keeps its JSONL (and a launched server its log)."""
     from hydra.utils import instantiate
 
-    from reinforce_cot import models
+    from reinforce_cot import models, sharded
 
-    make = instantiate(cfg.generation)
     cls = backend_class(cfg.generation)
     if cls.in_process:
-        processing_class = models.load_processing_class(path, cfg.model)
-        model = models.load_model(path, cfg.model)
-        return make(model=model, processing_class=processing_class, data_cfg=cfg.data)
+        if cls.shares_ranks and sharded.world() > 1:  # rank 0 of several: every rank loads it, takes a share
+            backend = sharded.everywhere("load", (cfg, path), lambda: load_here(cfg, path))
+            backend.shared = True
+            return backend
+        return load_here(cfg, path)
     extra = {"cache_dir": str(cache_dir)} if cache_dir and issubclass(cls, OpenAIBackend) else {}
-    backend = make(model=path, processing_class=None, data_cfg=cfg.data, **extra)
+    backend = instantiate(cfg.generation)(model=path, processing_class=None, data_cfg=cfg.data, **extra)
     if backend.tokenizer is None and models.is_local(path):  # token counts for length metrics
         try:
             processing_class = models.load_processing_class(path, cfg.model)
@@ -615,3 +728,17 @@ def load(cfg, path: str, cache_dir: str | Path | None = None) -> Backend:
         except (OSError, ValueError) as e:
             log.warning("no tokenizer at %s (%s): lengths are counted in words", path, e)
     return backend
+
+
+def load_here(cfg, path: str) -> Backend:
+    """The in-process backend on this process' device (hardware.device: cuda:LOCAL_RANK, else the CPU)."""
+    from hydra.utils import instantiate
+
+    from reinforce_cot import hardware, models
+
+    dev = hardware.device()
+    placement = {"device_map": {"": dev.index}} if dev.type == "cuda" else {}
+    processing_class = models.load_processing_class(path, cfg.model)
+    model = models.load_model(path, cfg.model, **placement)
+    log.info("generating with %s on %s", path, model.device)
+    return instantiate(cfg.generation)(model=model, processing_class=processing_class, data_cfg=cfg.data)

@@ -17,7 +17,14 @@ on the exit code.
 
 Only rank 0 writes: output.log (other ranks log to the console only, each line tagged with its rank),
 provenance (backup/), result JSON, final/ and merged/ (Trainer saves checkpoints on rank 0 itself),
-TensorBoard. Evaluate and merge stages run on rank 0 while the others wait at a barrier.
+TensorBoard. Evaluate, curate, rejection_sample and merge stages run on rank 0; meanwhile the other
+ranks generate their share of its prompts on their own GPU (reinforce_cot.sharded) and otherwise wait
+on a gloo group with a long timeout, never at an NCCL barrier (whose watchdog fires after 30 min).
+
+Each stage runs in `stage_scope`: what it made (trainer, DeepSpeed engine, vLLM, generation models,
+accelerate state, environment variables) is gone when it ends, and on a GPU the log says how much
+memory is left. CPU threads: 1 per process on CPU-only machines, the cores shared out among the
+processes where a GPU is visible (reinforce_cot.default_threads), unless OMP_NUM_THREADS is set.
 
 DeepSpeed JIT-compiles its ops on first use (1-3 min on a CPU): they are kept in TORCH_EXTENSIONS_DIR,
 by default ~/.cache/reinforce_cot/torch_extensions, so later runs and the tests reuse them.
@@ -30,16 +37,20 @@ by default ~/.cache/reinforce_cot/torch_extensions, so later runs and the tests 
 from __future__ import annotations
 
 import contextlib
+import functools
+import gc
 import importlib.util
 import json
 import logging
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from reinforce_cot import default_threads
 from reinforce_cot.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -63,11 +74,38 @@ def is_main() -> bool:
 
 
 def barrier() -> None:
-    """Wait for every process (no-op in a single process)."""
+    """Wait for every process (no-op in a single process), however long: on the gloo group of
+    `wait_group`, not on NCCL, whose watchdog kills a rank that waits 30 min (ddp_timeout)."""
     if world_size() > 1:
-        from accelerate import PartialState
+        import torch.distributed as dist
 
-        PartialState().wait_for_everyone()
+        dist.barrier(group=wait_group())
+
+
+WAIT_TIMEOUT = timedelta(days=7)  # rank 0 alone may evaluate with vllm/openai or merge a big model for hours
+
+
+@functools.cache
+def wait_group():
+    """A gloo process group over every rank with a long timeout, for waiting and for small messages
+    (reinforce_cot.sharded). Created on first use, which every rank reaches at the same point (the
+    first barrier of recipes.run); the default group is initialized first if needed (accelerate)."""
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    if not dist.is_initialized():
+        PartialState()
+    return dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
+
+
+def device():
+    """Where this process runs models it generates with: cuda:LOCAL_RANK when CUDA is available, else
+    the CPU. LOCAL_RANK is what torchrun, accelerate and reinforce_cot.cluster (Slurm) set."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
 
 
 def ranks_that_ran() -> list[int]:
@@ -158,7 +196,9 @@ def launch(cfg, run_dir: Path, overrides: list[str]) -> int:
                 tiny.build(scfg.model)  # built once here, not raced by N processes
     cmd = launch_command(cfg, run_dir, overrides)
     log.info("starting %d processes: %s", cfg.hardware.num_processes, " ".join(cmd))
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # torchrun would set 1 thread per process; on GPU machines the cores are shared out instead
+    threads = os.environ.get("OMP_NUM_THREADS") or str(default_threads(int(cfg.hardware.num_processes)))
+    env = {**os.environ, "OMP_NUM_THREADS": threads}
     return subprocess.run(cmd, env=env).returncode
 
 
@@ -259,3 +299,89 @@ def validate(cfg) -> None:
                 "GPU (device_map, uint8 storage), which ZeRO-3 cannot partition; use "
                 "'algo.args.deepspeed=${rc.conf:deepspeed/zero2.json}', or peft=lora"
             )
+
+
+# ----------------------------------------------------------------------------- what a stage leaves
+# A recipe runs every stage in one process (the stage loop, logging, resume and signal handling stay in
+# one place, and data is loaded once). So each stage must leave nothing behind that the next one would
+# trip over: GPU memory (a trainer's model, optimizer and DeepSpeed engine, a colocated vLLM, generation
+# backends), accelerate's singleton state, a process group a 1-process vLLM created, and the variables
+# TRL and vLLM put in os.environ (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT, VLLM_*), which would
+# make the next stage's accelerate think it runs distributed.
+@contextlib.contextmanager
+def stage_scope(name: str = "stage"):
+    """Run one stage; afterwards os.environ is as it was, accelerate's state is reset, a process group
+    the stage started alone (1-process colocated vLLM) is destroyed, and memory is collected and handed
+    back to the GPU (tests/test_release.py checks that nothing of a stage stays referenced). On a GPU
+    the log says what is left: `[<stage>] GPU memory after release: ... (stage peak ...)`."""
+    env = dict(os.environ)
+    dist_was_up = _dist_initialized()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        yield
+    finally:
+        _reset_process_state(dist_was_up)
+        changed = sorted(k for k in set(env) | set(os.environ) if env.get(k) != os.environ.get(k))
+        os.environ.clear()
+        os.environ.update(env)
+        if changed:
+            log.debug("restored environment variables set during the stage: %s", changed)
+        release_memory()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():
+            mib = 1 << 20
+            log.info(
+                "[%s] GPU memory after release: %d MiB allocated, %d MiB reserved (stage peak %d MiB)",
+                name,
+                torch.cuda.memory_allocated() // mib,
+                torch.cuda.memory_reserved() // mib,
+                torch.cuda.max_memory_allocated() // mib,
+            )
+
+
+def release_trainer(trainer) -> None:
+    """Free what a finished TRL trainer holds beyond plain references: a colocated vLLM engine, and the
+    DeepSpeed engine, whose hooks keep the model alive until `destroy()` (accelerate's free_memory)."""
+    vllm_gen = getattr(trainer, "vllm_generation", None)
+    if getattr(vllm_gen, "llm", None) is not None:
+        shutdown_vllm(vllm_gen.llm)
+        vllm_gen.llm = None
+    trainer.accelerator.free_memory()
+
+
+def shutdown_vllm(llm) -> None:
+    """Stop a vLLM engine's core (a subprocess, or in-process workers) before its last reference goes."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if hasattr(core, "shutdown"):
+        core.shutdown()
+
+
+def release_memory() -> None:
+    """Collect garbage (trainers and models sit in reference cycles) and return cached GPU blocks; no
+    CUDA context is created where none exists."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def _dist_initialized() -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _reset_process_state(dist_was_up: bool) -> None:
+    state = sys.modules.get("accelerate.state")
+    if state is not None:  # what transformers' TrainingArguments does itself before building its own
+        state.AcceleratorState._reset_state(reset_partial_state=True)
+    if not dist_was_up and _dist_initialized():  # one process, and a colocated vLLM started a group of 1
+        vllm_state = sys.modules.get("vllm.distributed.parallel_state")
+        if vllm_state is not None:  # vLLM's own groups over it, else a later engine reuses dead ones
+            vllm_state.destroy_model_parallel()
+            vllm_state.destroy_distributed_environment()
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -41,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from reinforce_cot import config as config_lib
 from reinforce_cot import data as data_lib
-from reinforce_cot import hardware, merge, parts, preference, rundir  # noqa: F401  (parts registers rc.mul)
+from reinforce_cot import hardware, merge, parts, preference, rundir, sharded  # noqa: F401  (parts registers rc.mul)
 from reinforce_cot import overrides as overrides_lib
 from reinforce_cot.errors import ConfigError
 
@@ -164,13 +164,16 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         log.info("[%s] start: %s%s", sid, scfg.stage.kind, "" if scfg.stage.kind in ALL_RANKS else " (on rank 0)")
         stage_splits = _load_checked(scfg, splits)
         stage_fn = stage_kinds()[scfg.stage.kind]
-        if scfg.stage.kind in ALL_RANKS:
-            results[sid] = stage_fn(scfg, run_dir, sid, stage_splits, results)
-        elif hardware.is_main():
-            with hardware.local_loading():  # no ZeRO-3 partitioning of models loaded by rank 0 alone
+        with hardware.stage_scope(sid):  # nothing the stage made outlives it: GPU memory, env, accelerate state
+            if scfg.stage.kind in ALL_RANKS:
                 results[sid] = stage_fn(scfg, run_dir, sid, stage_splits, results)
-        else:  # evaluate, merge, ...: rank 0 alone; the others wait below
-            results[sid] = {"stage": sid, "ran_on_rank": 0}
+            elif hardware.is_main():
+                with hardware.local_loading(), sharded.leading():  # no ZeRO-3 partitioning; the others generate
+                    results[sid] = stage_fn(scfg, run_dir, sid, stage_splits, results)
+            else:  # evaluate, curate, ...: rank 0 runs the stage, this rank generates its share of the prompts
+                with hardware.local_loading():
+                    sharded.follow()
+                results[sid] = {"stage": sid, "ran_on_rank": 0}
         hardware.barrier()  # later stages read what this one wrote (merged/, result/)
     return results
 
@@ -190,7 +193,9 @@ def _check_resume_overrides(run_dir: Path, overrides: list[str]) -> None:
         )
 
 
-ALL_RANKS = {"train"}  # stage kinds every process runs (multi-process training); the rest run on rank 0 only
+# Stage kinds every process runs (multi-process training). The others run on rank 0, while the other
+# ranks generate their share of its prompts (reinforce_cot.sharded) and otherwise wait.
+ALL_RANKS = {"train"}
 
 
 def _load_checked(scfg, splits: dict) -> dict:

@@ -151,7 +151,8 @@ def sample(backend, rows: list[dict], cfg, out_dir: Path, tokenizer=None) -> dic
         for good, n in zip(ok, lens):
             lengths["correct" if good else "wrong"].append(n)
         correct = sorted({(s, n) for s, n, g in zip(samples, lens, ok) if g}, key=lambda x: (x[1], samples.index(x[0])))
-        wrong = list(dict.fromkeys((s, n) for s, n, g in zip(samples, lens, ok) if not g))
+        # an empty sample (EOS first) is no chain to prefer against: DPO data refuses an empty `rejected`
+        wrong = list(dict.fromkeys((s, n) for s, n, g in zip(samples, lens, ok) if not g and s.strip()))
         counts["samples"] += len(samples)
         counts["correct_samples"] += sum(ok)
         counts["duplicate_correct"] += sum(ok) - len(correct)

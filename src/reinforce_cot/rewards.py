@@ -41,7 +41,9 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+# an answer holds no "<answer>" itself: a stray opening tag inside the reasoning ("... <answer>2, 3 ...
+# </think><answer>2</answer>") must not swallow the text up to the real one
+ANSWER_RE = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
 FORMAT_RE = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
 THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 CHOICE_RE = re.compile(r"^\(?([A-Za-z])[\).:]?$")
@@ -74,7 +76,11 @@ def last_boxed(text: str) -> str | None:
 
 
 def extract_answer(text: str) -> str | None:
-    """The content of the last <answer>...</answer>, else of the last \\boxed{}, stripped; None if neither."""
+    """The content of the last <answer>...</answer>, else of the last \\boxed{}, stripped; None if neither.
+
+    >>> extract_answer("<think>so <answer>2, 3. 1.</think><answer>2</answer>"), extract_answer("<answer> 7 </answer>")
+    ('2', '7')
+    """
     found = ANSWER_RE.findall(text)
     if found:
         inner = found[-1].strip()

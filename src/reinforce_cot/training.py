@@ -125,4 +125,5 @@ def train_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: dict | None
     if trainer.is_world_process_zero():
         write_json(run_dir / "result" / f"{sid}.json", summary)
     log.info("[%s] done: %d steps in %.0f s -> %s", sid, trainer.state.global_step, summary["wall_seconds"], final)
+    hardware.release_trainer(trainer)  # DeepSpeed engine, colocated vLLM; the rest goes with the stage (stage_scope)
     return summary
