@@ -26,6 +26,7 @@ SLURMD_PORT=$((CTLD_PORT + 1))
 DBD_PORT=$((CTLD_PORT + 2))
 DB_PORT="${RCOT_SLURM_DB_PORT:-3307}"          # private MariaDB, 127.0.0.1 only
 TIMEOUT="${RCOT_SLURM_TIMEOUT:-60}"            # seconds per readiness wait
+APT_LOCK_TIMEOUT="${RCOT_SLURM_APT_LOCK_TIMEOUT:-600}"  # seconds to wait for another apt-get/dpkg
 PACKAGES=(slurm-wlm slurmdbd slurm-client munge mariadb-server mariadb-client)
 
 ETC="$STATE/etc"
@@ -59,6 +60,16 @@ declare -A LOGFILE=(
 DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)
 
 log() { echo "local_cluster: $*" >&2; }
+
+# Daemons started here must not inherit the caller's open files: under `flock LOCK local_cluster.sh start`
+# munged, mariadbd and slurmdbd would keep LOCK's descriptor, and so the lock, for as long as they run.
+close_inherited_fds() {
+  local fd
+  for fd in /proc/$$/fd/*; do
+    fd=${fd##*/}
+    if [[ $fd =~ ^[0-9]+$ ]] && ((fd > 2 && fd != 255)); then eval "exec $fd>&-" 2>/dev/null || true; fi
+  done
+}
 
 die() {  # die MESSAGE [LOGFILE]: tail of the log, then a one-line error last
   if [[ -n "${2:-}" && -f "$2" ]]; then
@@ -114,6 +125,54 @@ have_packages() {
   command -v slurmctld >/dev/null && command -v mariadbd >/dev/null
 }
 
+# apt/dpkg locks another apt-get or dpkg may hold (fcntl locks: flock(1) cannot test them)
+APT_LOCKS=(/var/lib/dpkg/lock-frontend /var/lib/dpkg/lock /var/lib/apt/lists/lock /var/cache/apt/archives/lock)
+
+lock_holder() {  # lock_holder FILE: "PID (COMMAND)" of the process holding FILE's lock, per /proc/locks
+  local ino pid
+  ino=$(stat -c %i "$1" 2>/dev/null) || return 1
+  pid=$(awk -v ino="$ino" '$2 != "->" { n = split($6, d, ":"); if (d[n] == ino) { print $5; exit } }' /proc/locks)
+  [[ -n $pid ]] || return 1
+  echo "$pid ($(cat "/proc/$pid/comm" 2>/dev/null || echo '?'))"
+}
+
+held_apt_lock() {  # prints "LOCKFILE held by PID (COMMAND)" for the first held lock; fails when none is
+  local f holder
+  for f in "${APT_LOCKS[@]}"; do
+    holder=$(lock_holder "$f") && { echo "$f held by process $holder"; return 0; }
+  done
+  return 1
+}
+
+# apt_run LOG CMD...: run an apt-get command; while another apt-get/dpkg holds a lock, wait (up to
+# APT_LOCK_TIMEOUT seconds in all, saying so once) instead of failing. apt's own DPkg::Lock::Timeout
+# covers the dpkg lock only, not `apt-get update`'s lists lock, hence the loop. Returns 75 with
+# LOCK_ERROR set when the wait times out (the caller restores policy-rc.d before it dies).
+LOCK_ERROR=""
+apt_run() {
+  local logf=$1; shift
+  local end=$((SECONDS + APT_LOCK_TIMEOUT)) said="" held rc
+  while :; do
+    while held=$(held_apt_lock); do
+      if ((SECONDS >= end)); then
+        LOCK_ERROR="waited ${APT_LOCK_TIMEOUT}s for the apt/dpkg lock ($held); let that apt-get finish, or raise RCOT_SLURM_APT_LOCK_TIMEOUT"
+        return 75
+      fi
+      [[ $said == "$held" ]] || { log "waiting for the apt/dpkg lock: $held (up to ${APT_LOCK_TIMEOUT}s)"; said=$held; }
+      sleep 1
+    done
+    rc=0
+    "$@" -o DPkg::Lock::Timeout=$((end > SECONDS ? end - SECONDS : 1)) >>"$logf" 2>&1 || rc=$?
+    ((rc == 0)) && return 0
+    # taken between our check and apt's: wait again; any other failure is the caller's to report
+    tail -n 5 "$logf" | grep -qE "Could not get lock|Unable to acquire the dpkg frontend lock|Unable to lock" || return $rc
+    if ((SECONDS >= end)); then
+      LOCK_ERROR="waited ${APT_LOCK_TIMEOUT}s for the apt/dpkg lock; let the other apt-get finish, or raise RCOT_SLURM_APT_LOCK_TIMEOUT"
+      return 75
+    fi
+  done
+}
+
 install_packages() {
   have_packages && return 0
   command -v apt-get >/dev/null || die "packages missing (${PACKAGES[*]}) and apt-get not available"
@@ -131,13 +190,18 @@ install_packages() {
   export DEBIAN_FRONTEND=noninteractive
   local apt=(apt-get install -y -q --no-install-recommends
              -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
-  if ! "${apt[@]}" "${PACKAGES[@]}" >"/tmp/rcot-slurm-apt.log" 2>&1; then
+  : >"/tmp/rcot-slurm-apt.log"
+  apt_run /tmp/rcot-slurm-apt.log "${apt[@]}" "${PACKAGES[@]}" || rc=$?
+  if ((rc != 0 && rc != 75)); then
     log "install failed with current package lists; running apt-get update once"
-    { apt-get update -q && "${apt[@]}" "${PACKAGES[@]}"; } >>"/tmp/rcot-slurm-apt.log" 2>&1 || rc=$?
+    rc=0
+    { apt_run /tmp/rcot-slurm-apt.log apt-get update -q &&
+      apt_run /tmp/rcot-slurm-apt.log "${apt[@]}" "${PACKAGES[@]}"; } || rc=$?
   fi
   if ((created)); then
     if [[ -n $backup ]]; then cp -p "$backup" "$prc"; rm -f "$backup"; else rm -f "$prc"; fi
   fi
+  ((rc != 75)) || die "$LOCK_ERROR" /tmp/rcot-slurm-apt.log
   ((rc == 0)) || die "apt-get install failed" /tmp/rcot-slurm-apt.log
   have_packages || die "packages still missing after apt-get install" /tmp/rcot-slurm-apt.log
 }
@@ -443,8 +507,11 @@ cmd_purge() {
   log "removed $STATE"
 }
 
+# Sourced (tests/test_local_cluster.py calls single functions): define, do not run.
+[[ ${BASH_SOURCE[0]} == "$0" ]] || return 0
+
 case "${1:-}" in
-  start) cmd_start ;;
+  start) close_inherited_fds; cmd_start ;;
   stop) cmd_stop ;;
   status) cmd_status ;;
   env) cmd_env ;;
