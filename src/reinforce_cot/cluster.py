@@ -113,6 +113,13 @@ def setup_job(cfg, run_dir: Path) -> None:
     tasks = current_tasks()
     if tasks is None:
         return
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from reinforce_cot import preemption
+
+    # USR2 (time-limit warning) and SIGTERM (preemption): checkpoint at the next step, then requeue
+    preemption.install(run_dir, OmegaConf.select(HydraConfig.get(), "launcher.signal_delay_s", default=30))
     expected = cfg.hardware.num_processes
     if tasks.num_tasks != expected:
         raise ConfigError(

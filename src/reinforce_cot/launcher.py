@@ -180,6 +180,12 @@ class SubmititSweep:
         init = {"folder": params.pop("submitit_folder")}
         if "max_num_timeout" in params:
             init[f"{self._EXECUTOR}_max_num_timeout"] = params.pop("max_num_timeout")
+        if "additional_parameters" in params:  # Slurm
+            extra = params["additional_parameters"] or {}
+            if not {"requeue", "no-requeue", "no_requeue"} & set(extra):
+                # submitit's requeue (`scontrol requeue`) and a scheduler's PreemptMode=REQUEUE need a
+                # requeueable job: where the cluster sets JobRequeue=0 only sbatch --requeue makes it one
+                params["additional_parameters"] = {"requeue": True, **extra}
         executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init)
         # The plugin's generic keys (BaseQueueConf) are submitit's generic names; the rest are executor-specific.
         generic = set(OmegaConf.structured(BaseQueueConf).keys())

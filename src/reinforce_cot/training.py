@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hydra.utils import instantiate
 
-from reinforce_cot import adapters, hardware, models, parts, rewards, sampling
+from reinforce_cot import adapters, hardware, models, parts, preemption, rewards, sampling
 from reinforce_cot import data as data_lib
 from reinforce_cot.rundir import write_json
 
@@ -88,6 +88,7 @@ def train_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: dict | None
     resume_from = last_checkpoint(ckpt_dir)
     if resume_from:
         log.info("[%s] resuming from %s", sid, resume_from)
+    preemption.attach(trainer)  # in a Slurm job: USR2/SIGTERM -> checkpoint at the next step -> requeue
     out = trainer.train(resume_from_checkpoint=resume_from)
 
     final = ckpt_dir / "final"
@@ -119,5 +120,6 @@ def train_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: dict | None
     }
     if trainer.is_world_process_zero():
         write_json(run_dir / "result" / f"{sid}.json", summary)
+    preemption.stage_done()  # a signal after the last step: requeue now (this stage is done)
     log.info("[%s] done: %d steps in %.0f s -> %s", sid, trainer.state.global_step, summary["wall_seconds"], final)
     return summary
