@@ -4,14 +4,14 @@
 
 Every job is a real `train.py` run (tiny VLM, debug=smoke, recipe=single, algo=sft) in a Slurm array job:
 a sweep lands in multirun/<date>/<time>/<job>/ run dirs; one job failing or killed leaves the others'
-results; a 2-task job trains with 2 gloo processes; a job cut by its time limit is requeued and resumes
-from its last checkpoint in the same run dir; requests the cluster cannot hold fail before submitting.
+results; a 2-task job trains with 2 gloo processes; a job signalled (USR2, then scontrol requeue) saves a
+checkpoint at the next step, is requeued and resumes there in the same run dir; requests the cluster cannot
+hold fail before submitting.
 The node has 2 CPUs, so every job asks for 1 CPU per task (hardware=slurm_cpu).
 """
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import time
@@ -159,56 +159,94 @@ def test_two_task_job_trains_with_two_gloo_processes(slurm, tmp_path):
     assert sweep.result(0, "summary.json")["rows"][0]["stage"] == "01_sft"
 
 
-# Long enough that the first run cannot finish before Slurm's time-limit signal (~30-60 s into a 1-minute job,
-# training starts ~8 s in at ~0.15 s a step), short enough that one requeued run (~45 s) finishes it.
-REQUEUE_STEPS = 350
+def logged_step(run_dir: Path) -> int:
+    """The newest training step a running job has logged: output.log's `[01_sft] step N/M` metric lines
+    where the stage logs them there, else the count of the trainer's `{'loss': ...}` console lines in its
+    submitit log (logging_steps=1: one per step; the file is appended to across requeues)."""
+    log = run_dir / "output.log"
+    steps = [int(m) for m in re.findall(r"\] step (\d+)/", log.read_text())] if log.is_file() else []
+    if steps:
+        return max(steps)
+    if not (run_dir / "backup" / "jobs.txt").is_file():
+        return 0
+    out = Path(jobs_txt(run_dir)[0]["log"])
+    return out.read_text().count("{'loss'") if out.is_file() else 0
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
-    os.environ.get("RCOT_SLURM_SLOW") != "1",
-    reason="opt-in (set RCOT_SLURM_SLOW=1): 2-4 min of 60 s requeue cycles paced by slurmctld's 30 s time-limit "
-    "checks; on a loaded 2-core machine the last run once ended FAILED in sacct, so it is kept out of CI",
-)
-def test_time_limit_requeues_and_resumes(slurm, tmp_path):
-    # timeout_min=1 with signal_delay_s=1: slurmctld checks limits every 30 s and signals up to one period
-    # early, so USR2 arrives 30-60 s in (a larger delay would signal every requeued run at its first check,
-    # ~14 s in, before it trains at all). submitit then requeues the job (max_num_timeout), which resumes.
+def wait_for(what: str, check, proc, timeout: float = 90):
+    deadline = time.monotonic() + timeout
+    while not (found := check()):
+        assert proc.poll() is None, f"the sweep ended while waiting for {what}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.2)
+    return found
+
+
+def event_steps(folder: Path) -> list[list[int]]:
+    """train/loss steps in each TensorBoard event file (one file per run of the job), read raw: a step
+    logged twice would show twice (EventAccumulator would hide it)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    runs = []
+    for path in sorted(folder.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
+        steps = [e.step for e in EventFileLoader(str(path)).Load() for v in e.summary.value if v.tag == "train/loss"]
+        runs.append(steps)
+    return runs
+
+
+# Enough steps (~4 a second) that each run is still training when the test signals it; few, for a quick test.
+REQUEUE_STEPS = 40
+
+
+def test_signalled_job_checkpoints_at_the_next_step_and_resumes(slurm, tmp_path):
+    # No periodic checkpoint (save_steps > steps): every checkpoint comes from a signal. Once the job has
+    # logged step 3, it gets USR2 as from Slurm's time-limit warning (`scancel --signal=USR2`; submitit asked
+    # for it with --signal=USR2@<signal_delay_s>); once the requeued run has logged 3 more steps, `scontrol
+    # requeue` preempts it (SIGTERM, then SIGKILL after KillWait=5 s). Each time the trainer must save at the
+    # end of the step in flight and the job come back into the same run dir, resuming there.
+    seen = {}
+
+    def preempt_twice(proc):
+        run_dir = wait_for("run dir", lambda: next(tmp_path.glob("multirun/*/*/0/backup/jobs.txt"), None), proc)
+        run_dir = run_dir.parents[1]
+        seen["usr2"] = wait_for("step 3", lambda: (s := logged_step(run_dir)) >= 3 and s, proc)
+        job = jobs_txt(run_dir)[0]["job"]
+        subprocess.run(["scancel", "--signal=USR2", job], env=slurm, check=True)
+        wait_for("the requeued run", lambda: len(jobs_txt(run_dir)) == 2, proc)
+        first = int(re.search(r"step=(\d+)", (run_dir / "backup" / "preemptions.txt").read_text())[1])
+        seen["term"] = wait_for("3 more steps", lambda: (s := logged_step(run_dir)) >= first + 3 and s, proc)
+        subprocess.run(["scontrol", "requeue", job], env=slurm, check=True)
+
     sweep = run_sweep(
-        tmp_path,
-        *TINY,
-        "seed=0",
-        "hydra.launcher.timeout_min=1",
-        "hydra.launcher.signal_delay_s=1",
-        "hydra.launcher.max_num_timeout=8",  # > the preset's 3: leeway for a machine up to ~3x slower
-        f"algo.args.max_steps={REQUEUE_STEPS}",
-        "algo.args.save_steps=10",
-        "eval.k=0",
-        env=slurm,
-    )
+        tmp_path, *TINY, "seed=0", f"algo.args.max_steps={REQUEUE_STEPS}", "algo.args.save_steps=1000", "eval.k=0",
+        env=slurm, wait=preempt_twice, timeout=300,
+    )  # fmt: skip
     assert sweep.returncode == 0, sweep
     assert [p.name for p in sweep.jobs()] == ["0"]  # every run of the job used the same run dir
     run_dir = sweep.job(0)
     starts = jobs_txt(run_dir)
-    assert len(starts) >= 2, f"never requeued: the job finished before its time limit; raise REQUEUE_STEPS\n{starts}"
-    assert [s["restart"] for s in starts] == [str(i) for i in range(len(starts))]
-    assert len({s["job"] for s in starts}) == 1
-    states = sacct_states(slurm, starts[0]["job"])
-    assert states == ["REQUEUED"] * (len(starts) - 1) + ["COMPLETED"], states
-    log_out = Path(starts[0]["log"])
-    submitit_log = log_out.read_text() + log_out.with_suffix(".err").read_text()
-    assert "Caught signal SIGUSR2" in submitit_log and "Requeued job" in submitit_log
+    assert [s["restart"] for s in starts] == ["0", "1", "2"] and len({s["job"] for s in starts}) == 1
+    assert sacct_states(slurm, starts[0]["job"]) == ["REQUEUED", "REQUEUED", "COMPLETED"]
+    script = next((sweep.dir / ".submitit").rglob("*_submission.sh")).read_text()
+    assert "#SBATCH --signal=USR2@300\n" in script and "#SBATCH --requeue\n" in script  # the launcher's asks
+
+    usr2, term = (run_dir / "backup" / "preemptions.txt").read_text().splitlines()
+    k1 = int(re.search(r" step=(\d+) action=requeue why=checkpoint-\1_saved$", usr2)[1])
+    k2 = int(re.search(r" step=(\d+) action=exit why=checkpoint-\1_saved$", term)[1])
+    assert "signal=SIGUSR2" in usr2 and "signal=SIGTERM" in term
+    # nothing the log showed before the signal is lost: the checkpoint is the step in flight (or the one logged)
+    assert seen["usr2"] <= k1 < seen["term"] <= k2 < REQUEUE_STEPS, (seen, k1, k2)
 
     train = sweep.result(0, "01_sft.json")
     assert train["global_step"] == REQUEUE_STEPS
-    resumed = Path(train["resumed_from"])
-    assert resumed.parent == run_dir / "ckpt" / "01_sft" and resumed.name.startswith("checkpoint-")
-    assert loss_steps(train) == list(range(1, REQUEUE_STEPS + 1))  # nothing lost, nothing twice
+    assert Path(train["resumed_from"]) == run_dir / "ckpt" / "01_sft" / f"checkpoint-{k2}"
+    assert loss_steps(train) == list(range(1, REQUEUE_STEPS + 1))
+    # TensorBoard: each run logged exactly up to its checkpoint, the next one from the step after it, so no
+    # step is recomputed or logged twice
+    runs = event_steps(run_dir / "tensorboard" / "01_sft")
+    assert runs == [list(range(1, k1 + 1)), list(range(k1 + 1, k2 + 1)), list(range(k2 + 1, REQUEUE_STEPS + 1))]
     log = (run_dir / "output.log").read_text()
-    run_dirs = re.findall(r"run dir: (\S+)", log)  # hydra.runtime.output_dir of every run of the job
-    assert len(run_dirs) == len(starts) and set(run_dirs) == {str(run_dir)}
-    assert log.count("resuming from") == len(starts) - 1
-    assert len(list((run_dir / "backup").glob("resume-*/overrides.yaml"))) >= 1
+    assert log.count("resuming from") == 2 and set(re.findall(r"run dir: (\S+)", log)) == {str(run_dir)}
     assert (run_dir / "result" / "summary.json").exists()
 
 
