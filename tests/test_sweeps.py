@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from conftest import run_sweep
 
+from reinforce_cot import rundir, runs
+
 pytestmark = pytest.mark.slurm
 
 TINY = ("recipe=single", "algo=sft", "debug=smoke", "hardware=slurm_cpu")
@@ -114,11 +116,10 @@ def test_failed_and_killed_jobs_leave_the_others_results(slurm, tmp_path):
         raise AssertionError("job 2 never ran")
 
     sweep = run_sweep(tmp_path, *TINY, "algo.args.per_device_train_batch_size=16,0,15", env=slurm, wait=cancel_job_2)
-    assert sweep.returncode == 1, sweep  # Hydra reports the killed job once every job has ended
-    assert "ended without a result (state CANCELLED" in sweep.stderr, sweep
-    assert re.search(
-        r"Error executing job with overrides: \[.*'algo.args.per_device_train_batch_size=15'\]", sweep.stderr
-    )
+    assert sweep.returncode == 1, sweep  # once every job has ended: the failed ones listed, one line each
+    listing = sweep.stderr[sweep.stderr.index("error: 2 of 3 jobs of the sweep failed:") :].splitlines()
+    assert re.match(r"  #1 job \d+_1 .*per_device_train_batch_size=0: ValueError: batch_size should be", listing[1])
+    assert re.match(r"  #2 job \d+_2 .*_size=15: job \d+_2 ended without a result \(state CANCELLED", listing[2])
     summary = sweep.stdout[sweep.stdout.index("sweep finished") :]
     assert re.search(r"#0 job \d+_0: ok", summary) and re.search(r"#1 job \d+_1: FAILED", summary), summary
     assert re.search(r"#2 job \d+_2: FAILED  job \d+_2 ended without a result", summary), summary
@@ -126,10 +127,12 @@ def test_failed_and_killed_jobs_leave_the_others_results(slurm, tmp_path):
     assert sweep.result(0, "01_sft.json")["global_step"] == STEPS
     assert sweep.result(0, "summary.json")["rows"][0]["stage"] == "01_sft"
     failed = sweep.job(1)
-    assert (failed / "result" / "FAILED").exists() and not (failed / "result" / "01_sft.json").exists()
+    assert rundir.failure(failed).startswith("ValueError: batch_size should be a positive integer value")
+    assert not (failed / "result" / "01_sft.json").exists()
     assert "batch_size should be a positive integer value, but got batch_size=0" in (failed / "output.log").read_text()
     assert (failed / "backup" / "config.yaml").exists()  # its provenance stays for the post-mortem
     assert not (sweep.job(2) / "result" / "01_sft.json").exists()
+    assert runs.status(sweep.job(2)) == "incomplete"  # killed from outside: no FAILED, resumable
 
 
 def test_two_task_job_trains_with_two_gloo_processes(slurm, tmp_path):

@@ -17,7 +17,8 @@ plugin's launchers with this module's SubmititSweep mixed in. What it adds:
   printed the same way. Nothing hangs.
 - A job that ends without a result (killed by the time limit with no requeue left, out of memory,
   scancel, a lost node) no longer aborts the collection of the others: every job is waited for, a
-  summary table is logged, then Hydra reports the failed jobs as it does for any failed job.
+  summary table is logged, and a sweep with failed jobs exits 1 listing them (`finish_sweep`, shared
+  with the default launcher, hydra/launcher=sequential).
 - Each job records the sweep's command line (RCOT_SWEEP_COMMAND) in its backup/command.txt.
 
 Requeue: with `max_num_timeout > 0`, a job that gets Slurm's USR2 before its time limit (or a
@@ -216,7 +217,9 @@ class SubmititSweep:
             reason = " ".join(line for line in lines if line)
             _exit_with(ConfigError(f"hydra/launcher={self._EXECUTOR}: sbatch refused the sweep: {reason}"))
         returns = [self._wait(job, overrides) for job, (overrides, *_) in zip(jobs, calls)]
-        self._summary(jobs, returns, initial_job_idx)
+        finish_sweep(
+            [(f"#{initial_job_idx + i} job {job.job_id}", ret) for i, (job, ret) in enumerate(zip(jobs, returns))]
+        )
         return returns
 
     def _wait(self, job, overrides: list[str]) -> JobReturn:
@@ -231,19 +234,24 @@ class SubmititSweep:
             )
             return ret
 
-    def _summary(self, jobs, returns: list[JobReturn], first: int) -> None:
-        lines = []
-        for i, (job, ret) in enumerate(zip(jobs, returns)):
-            value = ret._return_value
-            if ret.status != JobStatus.COMPLETED:
-                what = f"FAILED  {value}"
-            elif isinstance(value, dict) and value.get("status") == "failed":  # main caught it in the job
-                what = f"FAILED  {value.get('error') or 'see output.log'}"
-            else:
-                what = "ok"
-            where = ret.hydra_cfg.hydra.runtime.output_dir if ret.hydra_cfg is not None else job.paths.stdout
-            lines.append(f"  #{first + i} job {job.job_id}: {what}  ({where})")
-        log.info("sweep finished:\n%s", "\n".join(lines))
+
+def finish_sweep(jobs: list[tuple[str, JobReturn]]) -> None:
+    """After every job of a sweep ended: log one line per job (label, ok or FAILED and why, run dir); when any
+    failed, list those on stderr and exit 1 (the contract: reinforce_cot.rundir). A job failed when Hydra
+    says so: main raised (JobFailed: bad input, an exception, a torchrun child), or it ended without a result."""
+    lines, failed = [], []
+    for label, ret in jobs:
+        where = ret.hydra_cfg.hydra.runtime.output_dir if ret.hydra_cfg is not None else "no run dir"
+        if ret.status == JobStatus.COMPLETED:
+            lines.append(f"  {label}: ok  ({where})")
+            continue
+        why = " ".join(str(ret._return_value).split())
+        lines.append(f"  {label}: FAILED  {why}  ({where})")
+        failed.append(f"  {label} {' '.join(filter_overrides(ret.overrides or []))}: {why}  ({where})")
+    log.info("sweep finished:\n%s", "\n".join(lines))
+    if failed:
+        print(f"error: {len(failed)} of {len(jobs)} jobs of the sweep failed:", *failed, sep="\n", file=sys.stderr)
+        raise SystemExit(1)
 
 
 def _exit_with(error: ConfigError):

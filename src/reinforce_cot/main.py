@@ -10,7 +10,9 @@
 
 Flow: compose -> validate every stage (before any weights load) -> run dir + provenance -> stages
 (train: data -> model -> rewards -> TRL trainer -> train with auto-resume -> save; evaluate) -> table.
-Bad input ends with a one-line `error: ...` naming the key and the fix (exit code 2).
+Bad input ends with a one-line `error: ...` naming the key and the fix (exit code 2). Every failure, of a
+run or of a sweep job, leaves result/FAILED with its reason (the contract: reinforce_cot.rundir); in a sweep
+the other jobs go on, and the sweep exits 1 listing the failed ones (reinforce_cot.launcher.finish_sweep).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from reinforce_cot import hardware, recipes
+from reinforce_cot import hardware, recipes, rundir
 from reinforce_cot.cluster import quiet_other_ranks, setup_job
 from reinforce_cot.errors import ConfigError
 
@@ -41,10 +43,16 @@ def _route_library_logs() -> None:
     transformers.utils.logging.set_verbosity_warning()
 
 
+class JobFailed(RuntimeError):
+    """A sweep job failed (bad input, an exception, a torchrun child): raised so that Hydra counts the job as
+    failed and the launcher lists it (reinforce_cot.launcher.finish_sweep); result/FAILED holds the reason."""
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig):
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    sweep = hc.mode == RunMode.MULTIRUN
     _route_library_logs()
     quiet_other_ranks(run_dir)  # a submitit task other than the first: output.log is rank 0's
     try:
@@ -52,26 +60,33 @@ def main(cfg: DictConfig):
         hardware.default_env()
         hardware.setup_process_logging()  # ranks > 0 log to the console only
         log.info("run dir: %s", run_dir)
-        if hardware.needs_launch(cfg):  # N processes under torchrun, same run dir (reinforce_cot.hardware)
-            code = hardware.launch(cfg, run_dir, list(hc.overrides.task))
-            if code and hc.mode != RunMode.MULTIRUN:
-                raise SystemExit(code)
-            return {"status": "failed" if code else "ok", "processes": cfg.hardware.num_processes}
-        return recipes.run(cfg, run_dir, list(hc.overrides.task))
+        if not hardware.needs_launch(cfg):
+            return recipes.run(cfg, run_dir, list(hc.overrides.task))
+        # N processes under torchrun, same run dir (reinforce_cot.hardware); rank 0 marks its own failure
+        code = hardware.launch(cfg, run_dir, list(hc.overrides.task))
+        if not code:
+            return {"status": "ok", "processes": cfg.hardware.num_processes}
+        reason, exit_code = rundir.failure(run_dir) or f"torchrun exited with code {code}", code
     except ConfigError as e:
         log.error("error: %s", e)
         print(f"error: {e}", file=sys.stderr)
-        if hc.mode == RunMode.MULTIRUN:
-            return {"status": "failed", "error": str(e)}
-        raise SystemExit(2) from None
-    except Exception:
-        if hc.mode != RunMode.MULTIRUN:
+        reason, exit_code = f"error: {e}", 2
+    except Exception as e:
+        if not sweep:
+            _mark_failed(run_dir, f"{type(e).__name__}: {e}")
             raise
-        # A sweep goes on when one job fails: the failure is logged and marked in its run dir.
-        log.exception("job failed; the sweep continues")
-        (run_dir / "result").mkdir(parents=True, exist_ok=True)
-        (run_dir / "result" / "FAILED").write_text("see output.log\n")
-        return {"status": "failed"}
+        log.exception("job failed; the sweep continues")  # a sweep goes on when one job fails
+        reason, exit_code = f"{type(e).__name__}: {e}", 1
+    reason = " ".join(reason.split())  # one line, whatever the exception's text
+    _mark_failed(run_dir, reason)
+    if sweep:
+        raise JobFailed(reason) from None
+    raise SystemExit(exit_code)
+
+
+def _mark_failed(run_dir: Path, reason: str) -> None:
+    if hardware.is_main():  # one writer per run dir
+        rundir.mark_failed(run_dir, reason)
 
 
 if __name__ == "__main__":

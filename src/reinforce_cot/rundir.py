@@ -5,11 +5,28 @@
                     pip_freeze.txt; resume-<time>/ for every resume
       ckpt/NN_name/ checkpoint-<step>/ (resumable), final/ (safetensors + processor), merged/ (peft)
       data/NN_name/ datasets a curate or rejection_sample stage wrote (JSONL + images/, report.json)
-      result/       NN_name.json per stage, summary.json + summary.md (the table), plots
+      result/       NN_name.json per stage, summary.json + summary.md (the table), plots; FAILED
       tensorboard/NN_name/   event files
       output.log    the run's log (Hydra's file handler)
 
 Stages are numbered in recipe order so folders sort as they ran.
+
+What a run dir says about its run (runs.status reads it; sweep tooling builds on it):
+- backup/config.yaml: the run passed validation and started; it marks the dir resumable. It is written
+  after every stage config was validated and every dataset checked, so bad input never leaves one.
+- result/summary.json: the run finished (its last stage, evaluate, wrote the table).
+- result/FAILED: the run failed. UTF-8 text; its first line is the reason in one line (`error: <the
+  ConfigError>` for bad input, `<ExceptionType>: <message>` for an exception in a stage, the torchrun
+  child's own reason or `torchrun exited with code N`), the second line points at output.log. Written by
+  `mark_failed` on every failure path of `reinforce_cot.main` (validation, a stage, a torchrun child; a
+  single run or a sweep job), by rank 0 only. A resume moves it to backup/resume-<time>/FAILED.
+- none of these: running, or killed from outside (time limit, scancel, OOM kill): a killed job writes
+  nothing, so it is told apart from a failed one and can be resumed (`resume=<dir>`, Slurm requeue).
+Exit codes: a run exits 0 when it finished, 2 for bad input (`error: ...`, one line), 1 (or torchrun's
+code) for a failure in a stage. A sweep (`-m`) runs every job, then exits 0 when every job finished,
+1 when any failed or ended without a result, listing those jobs on stderr one per line:
+`  #<job> <overrides>: <reason>  (<run dir>)` (reinforce_cot.launcher.finish_sweep), 2 when its launcher
+refused it before any job started.
 """
 
 from __future__ import annotations
@@ -52,6 +69,22 @@ def stage_id(index: int, name: str) -> str:
     return f"{index + 1:02d}_{name}"
 
 
+FAILED = Path("result") / "FAILED"
+
+
+def mark_failed(run_dir: Path, reason: str) -> None:
+    """Mark a run dir failed (result/FAILED, the contract in the module docstring) with a one-line reason."""
+    line = " ".join(str(reason).split()) or "failed"  # one line, whatever the exception's text
+    (run_dir / FAILED).parent.mkdir(parents=True, exist_ok=True)
+    (run_dir / FAILED).write_text(f"{line}\nsee {run_dir / 'output.log'}\n")
+
+
+def failure(run_dir: Path) -> str | None:
+    """Why the run failed (result/FAILED's first line), or None when it has not failed."""
+    path = Path(run_dir) / FAILED
+    return path.read_text().split("\n", 1)[0] if path.is_file() else None
+
+
 def check_resumable(run_dir: Path) -> None:
     if not (run_dir / "backup" / "config.yaml").is_file():
         raise ConfigError(
@@ -89,6 +122,8 @@ def write_provenance(run_dir: Path, cfg, overrides: list[str], stage_cfgs: dict)
 def note_resume(run_dir: Path, overrides: list[str]) -> None:
     d = run_dir / "backup" / f"resume-{time.strftime('%Y%m%d_%H%M%S')}"
     d.mkdir(parents=True, exist_ok=True)
+    if (run_dir / FAILED).is_file():  # why the attempt this resume continues failed; the run is live again
+        (run_dir / FAILED).replace(d / "FAILED")
     (d / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
     (d / "git.txt").write_text(_git("-C", str(Path(__file__).resolve().parents[2]), "rev-parse", "HEAD"))
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from reinforce_cot import rundir
+
 
 def run_dirs(folder: str | Path) -> list[Path]:
     """Run dirs under a sweep folder (multirun/<date>/<time>/) or any folder of run dirs (outputs/): every
@@ -46,11 +48,11 @@ def labels(dirs: list[Path], ignore: tuple[str, ...] = ("output_root", "hydra.",
 
 
 def status(run_dir: Path) -> str:
-    """ok (summary written), failed (result/FAILED), or incomplete (still running, or killed)."""
-    result = Path(run_dir) / "result"
-    if (result / "FAILED").exists():
+    """ok (summary written), failed (result/FAILED: rundir.failure says why), or incomplete (still running, or
+    killed from outside: resumable). The contract is in reinforce_cot.rundir."""
+    if rundir.failure(run_dir) is not None:
         return "failed"
-    return "ok" if (result / "summary.json").exists() else "incomplete"
+    return "ok" if (Path(run_dir) / "result" / "summary.json").exists() else "incomplete"
 
 
 def train_results(run_dir: Path) -> dict[str, dict]:

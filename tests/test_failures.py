@@ -1,0 +1,140 @@
+"""A failure never looks like a run: every failure path of main marks result/FAILED with its reason (the
+contract in reinforce_cot.rundir), a failed sweep job is a failed Hydra job, and a sweep with failed jobs
+exits 1 listing them. main's paths run in-process (the stage or torchrun stubbed at the boundary); one real
+sweep runs through the default launcher."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.types import RunMode
+from omegaconf import open_dict
+
+from reinforce_cot import hardware, main, recipes, rundir, runs
+from reinforce_cot.errors import ConfigError
+from reinforce_cot.launcher import finish_sweep
+
+CONF = str(ROOT / "conf")
+
+
+@pytest.fixture
+def call_main(tmp_path, monkeypatch):
+    """main's body for a run dir under tmp_path, in RUN or MULTIRUN mode, as Hydra would call it."""
+
+    def _call(mode: RunMode):
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            cfg = compose(config_name="train", overrides=["recipe=single", "algo=sft"], return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+            cfg.hydra.mode = mode
+        (tmp_path / "run").mkdir(exist_ok=True)  # Hydra makes it before the job starts
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return main.main.__wrapped__(cfg)
+
+    return _call
+
+
+def _stage_raises(monkeypatch, exc):
+    def run(*args):
+        raise exc
+
+    monkeypatch.setattr(recipes, "run", run)
+
+
+def _torchrun_fails(monkeypatch, child_reason: str | None):
+    def launch(cfg, run_dir, overrides):
+        if child_reason:  # what rank 0 of the children wrote before exiting
+            rundir.mark_failed(run_dir, child_reason)
+        return 3
+
+    monkeypatch.setattr(hardware, "needs_launch", lambda cfg: True)
+    monkeypatch.setattr(hardware, "launch", launch)
+
+
+CASES = {
+    "bad input": (
+        lambda mp: _stage_raises(mp, ConfigError("eval.k=-1 must be >= 0")),
+        "error: eval.k=-1 must be >= 0",
+        2,
+    ),
+    "exception": (
+        lambda mp: _stage_raises(mp, RuntimeError("CUDA out of\nmemory")),
+        "RuntimeError: CUDA out of memory",
+        1,
+    ),
+    "torchrun": (lambda mp: _torchrun_fails(mp, None), "torchrun exited with code 3", 3),
+    "torchrun child": (lambda mp: _torchrun_fails(mp, "ValueError: bad rank"), "ValueError: bad rank", 3),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_failed_sweep_job_is_marked_and_fails_in_hydra(call_main, monkeypatch, tmp_path, case):
+    setup, reason, _ = CASES[case]
+    setup(monkeypatch)
+    with pytest.raises(main.JobFailed, match=reason.replace("(", r"\(")):
+        call_main(RunMode.MULTIRUN)  # Hydra's run_job records the exception: the job is FAILED
+    assert rundir.failure(tmp_path / "run") == reason
+    assert (tmp_path / "run" / "result" / "FAILED").read_text().splitlines()[1].endswith("output.log")
+    assert runs.status(tmp_path / "run") == "failed"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_failed_run_is_marked_and_exits_non_zero(call_main, monkeypatch, tmp_path, case):
+    setup, reason, code = CASES[case]
+    setup(monkeypatch)
+    with pytest.raises((SystemExit, RuntimeError)) as e:
+        call_main(RunMode.RUN)
+    assert (e.value.code if isinstance(e.value, SystemExit) else 1) == code  # an exception keeps its traceback
+    assert rundir.failure(tmp_path / "run") == reason
+
+
+def test_a_resume_moves_the_failed_marker_to_its_record(tmp_path):
+    rundir.mark_failed(tmp_path, "RuntimeError: boom")
+    rundir.note_resume(tmp_path, ["resume=x"])
+    assert rundir.failure(tmp_path) is None and runs.status(tmp_path) == "incomplete"
+    [kept] = (tmp_path / "backup").glob("resume-*/FAILED")
+    assert kept.read_text().startswith("RuntimeError: boom\n")
+
+
+def _job(status, value, overrides):
+    ret = JobReturn(overrides=overrides, status=status)
+    ret.return_value = value
+    return ret
+
+
+def test_finish_sweep_lists_failed_jobs_and_exits_1(capsys):
+    ok = _job(JobStatus.COMPLETED, {"01_sft": {}}, ["seed=0"])
+    bad = _job(JobStatus.FAILED, main.JobFailed("error: eval.k=-1 must be >= 0"), ["seed=1", "eval.k=-1"])
+    finish_sweep([("#0", ok)])  # every job ok: returns
+    with pytest.raises(SystemExit) as e:
+        finish_sweep([("#0", ok), ("#1", bad)])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "error: 1 of 2 jobs of the sweep failed:",
+        "  #1 seed=1 eval.k=-1: error: eval.k=-1 must be >= 0  (no run dir)",
+    ]
+
+
+def test_sweep_whose_jobs_fail_exits_1_and_lists_them(tmp_path):
+    # Both jobs fail in validation (seconds): the default launcher runs both, marks both, lists both.
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "recipe=single", "algo=sft", "eval.k=-1,-2"]
+    cmd += [f"hydra.sweep.dir={tmp_path}/sweep"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    listing = proc.stderr[proc.stderr.index("error: 2 of 2 jobs of the sweep failed:") :].splitlines()
+    for job, k in ((0, -1), (1, -2)):
+        run_dir = tmp_path / "sweep" / str(job)
+        reason = f"error: eval.k={k} must be >= 0 (samples per prompt; 0 skips sampled metrics)"
+        assert listing[1 + job] == f"  #{job} recipe=single algo=sft eval.k={k}: {reason}  ({run_dir})"
+        assert rundir.failure(run_dir) == reason
+        assert not (run_dir / "backup" / "config.yaml").exists()  # not resumable: it never started
+    assert "#0: FAILED" in proc.stdout and "Traceback" not in proc.stderr
