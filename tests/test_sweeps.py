@@ -56,6 +56,13 @@ def sacct_states(env, job_id: str, timeout: float = 60) -> list[str]:
         time.sleep(0.5)
 
 
+def sweep_table(sweep_dir: Path) -> list[dict]:
+    """<sweep dir>/sweep.md, the launcher's end-of-sweep table (reinforce_cot.sweeps), as one dict per row."""
+    header, _, *lines = (sweep_dir / "sweep.md").read_text().splitlines()
+    cells = lambda line: [c.strip() for c in line.strip("|").split("|")]  # noqa: E731
+    return [dict(zip(cells(header), cells(line))) for line in lines]
+
+
 def jobs_txt(run_dir: Path) -> list[dict]:
     """backup/jobs.txt: one line per start of the job (reinforce_cot.cluster)."""
     lines = (run_dir / "backup" / "jobs.txt").read_text().splitlines()
@@ -98,7 +105,12 @@ def test_sweep_runs_each_job_in_its_own_run_dir(slurm, tmp_path):
         assert "[02_evaluate] start" in (run_dir / "output.log").read_text()
         assert sacct_states(slurm, start["job"]) == ["COMPLETED"]
     assert len(array_ids) == 1
-    assert sweep.stdout.count(": ok  (") == 3, sweep  # the launcher's summary: every job ok
+    rows = sweep_table(sweep.dir)  # the launcher's table: every job ok, with its Slurm state and metric
+    assert [(r["job"], r["overrides"], r["slurm state"], r["result"]) for r in rows] == [
+        (str(n), f"seed={n}", "COMPLETED", "ok") for n in range(3)
+    ]
+    for n, row in enumerate(rows):
+        assert float(row["greedy_acc"]) == pytest.approx(sweep.result(n, "summary.json")["rows"][-1]["greedy_acc"])
 
 
 def test_failed_and_killed_jobs_leave_the_others_results(slurm, tmp_path):
@@ -120,9 +132,13 @@ def test_failed_and_killed_jobs_leave_the_others_results(slurm, tmp_path):
     listing = sweep.stderr[sweep.stderr.index("error: 2 of 3 jobs of the sweep failed:") :].splitlines()
     assert re.match(r"  #1 job \d+_1 .*per_device_train_batch_size=0: ValueError: batch_size should be", listing[1])
     assert re.match(r"  #2 job \d+_2 .*_size=15: job \d+_2 ended without a result \(state CANCELLED", listing[2])
-    summary = sweep.stdout[sweep.stdout.index("sweep finished") :]
-    assert re.search(r"#0 job \d+_0: ok", summary) and re.search(r"#1 job \d+_1: FAILED", summary), summary
-    assert re.search(r"#2 job \d+_2: FAILED  job \d+_2 ended without a result", summary), summary
+    rerun_hint = sweep.stderr.strip().splitlines()[-1]  # the sweep dir as the command wrote it (relative here)
+    assert rerun_hint.startswith("rerun the failed and unfinished jobs: python ")
+    assert rerun_hint.endswith(f" hydra.sweep.dir={sweep.dir.relative_to(tmp_path)}"), rerun_hint
+    rows = sweep_table(sweep.dir)
+    assert [r["slurm state"] for r in rows] == ["COMPLETED", "COMPLETED", "CANCELLED"]  # Slurm's view of each
+    assert rows[0]["result"] == "ok" and rows[1]["result"].startswith("FAILED: ValueError: batch_size should")
+    assert rows[2]["result"].startswith(f"FAILED: job {rows[2]['slurm job']} ended without a result")
 
     assert sweep.result(0, "01_sft.json")["global_step"] == STEPS
     assert sweep.result(0, "summary.json")["rows"][0]["stage"] == "01_sft"
@@ -133,6 +149,30 @@ def test_failed_and_killed_jobs_leave_the_others_results(slurm, tmp_path):
     assert (failed / "backup" / "config.yaml").exists()  # its provenance stays for the post-mortem
     assert not (sweep.job(2) / "result" / "01_sft.json").exists()
     assert runs.status(sweep.job(2)) == "incomplete"  # killed from outside: no FAILED, resumable
+
+    # Rerun into its sweep dir: jobs 1 (failed) and 2 (killed) run again, each in its own run dir; job 0 is done
+    # and not submitted. Job 1 fails again (its batch size is still 0), so the rerun exits 1 too.
+    done_before = (sweep.job(0) / "backup" / "jobs.txt").read_text()
+    rerun = run_sweep(tmp_path, *TINY, "algo.args.per_device_train_batch_size=16,0,15", f"hydra.sweep.dir={sweep.dir}",
+                      env=slurm)  # fmt: skip
+    assert rerun.returncode == 1 and rerun.dir == sweep.dir, rerun
+    assert "1 job(s) done before, not run again (#0); running #1 #2" in rerun.stdout, rerun
+    assert "error: 1 of 3 jobs of the sweep failed:" in rerun.stderr
+    assert (sweep.job(0) / "backup" / "jobs.txt").read_text() == done_before  # job 0 did not run
+    assert len(jobs_txt(sweep.job(1))) == 2  # started once per run of the sweep
+    assert sweep.result(2, "01_sft.json")["global_step"] == STEPS and runs.status(sweep.job(2)) == "ok"
+    assert list(sweep.job(1).glob("backup/resume-*/FAILED")) and runs.status(sweep.job(1)) == "failed"
+    rows = sweep_table(sweep.dir)
+    assert [(r["job"], r["slurm state"], r["result"].split(":")[0]) for r in rows] == [
+        ("0", "COMPLETED", "ok (done before)"),
+        ("1", "COMPLETED", "FAILED"),
+        ("2", "COMPLETED", "ok"),
+    ]
+    assert rows[0]["slurm job"] == jobs_txt(sweep.job(0))[-1]["job"]  # its own, from the first run
+    assert (
+        rows[1]["slurm job"].split("_")[0] == rows[2]["slurm job"].split("_")[0] != rows[0]["slurm job"].split("_")[0]
+    )
+    assert float(rows[2]["greedy_acc"]) == pytest.approx(sweep.result(2, "summary.json")["rows"][-1]["greedy_acc"])
 
 
 def test_two_task_job_trains_with_two_gloo_processes(slurm, tmp_path):

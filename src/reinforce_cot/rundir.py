@@ -25,7 +25,7 @@ What a run dir says about its run (runs.status reads it; sweep tooling builds on
 Exit codes: a run exits 0 when it finished, 2 for bad input (`error: ...`, one line), 1 (or torchrun's
 code) for a failure in a stage. A sweep (`-m`) runs every job, then exits 0 when every job finished,
 1 when any failed or ended without a result, listing those jobs on stderr one per line:
-`  #<job> <overrides>: <reason>  (<run dir>)` (reinforce_cot.launcher.finish_sweep), 2 when its launcher
+`  #<job> <overrides>: <reason>  (<run dir>)` (reinforce_cot.sweeps.finish), 2 when its launcher
 refused it before any job started.
 """
 
