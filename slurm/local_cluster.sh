@@ -21,9 +21,10 @@ export LC_ALL=C
 
 STATE="${RCOT_SLURM_STATE:-/tmp/reinforce-cot-slurm}"
 CLUSTER="${RCOT_SLURM_CLUSTER:-rcot}"
-CTLD_PORT="${RCOT_SLURM_PORT:-6817}"          # slurmd uses +1, slurmdbd +2
+CTLD_PORT="${RCOT_SLURM_PORT:-6817}"          # slurmd uses +1, slurmdbd +2, the second slurmd +3
 SLURMD_PORT=$((CTLD_PORT + 1))
 DBD_PORT=$((CTLD_PORT + 2))
+SLURMD2_PORT=$((CTLD_PORT + 3))
 DB_PORT="${RCOT_SLURM_DB_PORT:-3307}"          # private MariaDB, 127.0.0.1 only
 TIMEOUT="${RCOT_SLURM_TIMEOUT:-60}"            # seconds per readiness wait
 APT_LOCK_TIMEOUT="${RCOT_SLURM_APT_LOCK_TIMEOUT:-600}"  # seconds to wait for another apt-get/dpkg
@@ -41,6 +42,12 @@ DB_DIR="$STATE/mysql"
 DB_SOCKET="$RUN/mysqld.sock"
 SYSTEM_CONF=/etc/slurm/slurm.conf
 MARKER="# managed by reinforce-cot slurm/local_cluster.sh"
+# Two slurmd on this host (Debian's Slurm is built with multiple-slurmd support: `scontrol show config`
+# says MULTIPLE_SLURMD = Yes): NODE (all CPUs, partition debug) and NODE2 (1 CPU), which with NODE forms
+# partition `multi`, where a job can span 2 nodes. A slurm.conf without this line is from an older script.
+NODE=$(hostname -s)
+NODE2="$NODE-2"
+LAYOUT="# layout: nodes $NODE and $NODE2 (partitions debug, multi)"
 
 # daemon name -> pid file; the name is also the expected /proc/PID/comm
 declare -A PIDFILE=(
@@ -48,16 +55,19 @@ declare -A PIDFILE=(
   [mariadbd]="$RUN/mariadbd.pid"
   [slurmdbd]="$RUN/slurmdbd.pid"
   [slurmctld]="$RUN/slurmctld.pid"
-  [slurmd]="$RUN/slurmd.pid"
+  [slurmd]="$RUN/slurmd-$NODE.pid"
+  [slurmd2]="$RUN/slurmd-$NODE2.pid"
 )
 declare -A LOGFILE=(
   [munged]="$LOG/munged.log"
   [mariadbd]="$LOG/mariadbd.log"
   [slurmdbd]="$LOG/slurmdbd.log"
   [slurmctld]="$LOG/slurmctld.log"
-  [slurmd]="$LOG/slurmd.log"
+  [slurmd]="$LOG/slurmd-$NODE.log"
+  [slurmd2]="$LOG/slurmd-$NODE2.log"
 )
-DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)
+declare -A COMM=([slurmd2]=slurmd)  # /proc/PID/comm where it is not the daemon's name
+DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd slurmd2)
 
 log() { echo "local_cluster: $*" >&2; }
 
@@ -98,7 +108,7 @@ live_pid() {
   pid=$(tr -dc '0-9' <"$f")
   [[ -n $pid ]] && alive "$pid" || return 1
   comm=$(cat "/proc/$pid/comm" 2>/dev/null) || return 1
-  [[ $comm == "$name" ]] || return 1   # guards against pid reuse
+  [[ $comm == "${COMM[$name]:-$name}" ]] || return 1   # guards against pid reuse
   echo "$pid"
 }
 
@@ -207,11 +217,10 @@ install_packages() {
 }
 
 # ---------------------------------------------------------------- config
-node_name() { hostname -s; }
+node_name() { echo "$NODE"; }
 
 write_configs() {
-  local node cpus mem_total real_mem sockets cores threads line
-  node=$(node_name)
+  local node=$NODE cpus mem_total real_mem sockets cores threads line
   # GNU nproc honours OMP_NUM_THREADS (exported as 1 above): unset it here
   cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
   mem_total=$(awk '/^MemTotal:/ {print int($2/1024)}' /proc/meminfo)
@@ -235,7 +244,8 @@ write_configs() {
 
   cat >"$CONF.new" <<EOF
 $MARKER
-# Single-node test cluster; state folder: $STATE
+$LAYOUT
+# Test cluster on one host; state folder: $STATE
 ClusterName=$CLUSTER
 SlurmctldHost=$node(127.0.0.1)
 SlurmctldPort=$CTLD_PORT
@@ -251,11 +261,12 @@ AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
 # not AuthInfo; without this sacct/sacctmgr use /run/munge and fail.
 AccountingStoragePass=socket=$MUNGE_SOCKET
 StateSaveLocation=$STATE/slurmctld
-SlurmdSpoolDir=$STATE/slurmd
+# %n: the node name, one of each per slurmd
+SlurmdSpoolDir=$STATE/slurmd/%n
 SlurmctldPidFile=${PIDFILE[slurmctld]}
-SlurmdPidFile=${PIDFILE[slurmd]}
+SlurmdPidFile=$RUN/slurmd-%n.pid
 SlurmctldLogFile=${LOGFILE[slurmctld]}
-SlurmdLogFile=${LOGFILE[slurmd]}
+SlurmdLogFile=$LOG/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -281,8 +292,11 @@ AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 AccountingStoragePort=$DBD_PORT
 JobCompType=jobcomp/none
-NodeName=$node NodeAddr=127.0.0.1 NodeHostname=$node CPUs=$cpus$topo RealMemory=$real_mem State=UNKNOWN
+NodeName=$node NodeAddr=127.0.0.1 NodeHostname=$node Port=$SLURMD_PORT CPUs=$cpus$topo RealMemory=$real_mem State=UNKNOWN
+# the second slurmd, same host: 1 CPU, so that a 2-node job of 1 task per node uses this host's 2 cores
+NodeName=$NODE2 NodeAddr=127.0.0.1 NodeHostname=$node Port=$SLURMD2_PORT CPUs=1 RealMemory=$((real_mem / 2)) State=UNKNOWN
 PartitionName=debug Nodes=$node Default=YES MaxTime=01:00:00 DefaultTime=00:10:00 State=UP
+PartitionName=multi Nodes=$node,$NODE2 MaxTime=01:00:00 DefaultTime=00:10:00 State=UP
 EOF
   mv "$CONF.new" "$CONF"
   chmod 644 "$CONF"
@@ -401,15 +415,18 @@ start_slurmctld() {
     die "slurmctld failed to start" "${LOGFILE[slurmctld]}"
 }
 
-start_slurmd() {
-  live_pid slurmd >/dev/null && return 0
-  port_in_use "$SLURMD_PORT" && die "port $SLURMD_PORT (slurmd) already in use; set RCOT_SLURM_PORT"
-  SLURM_CONF="$CONF" slurmd -N "$(node_name)" </dev/null >>"$LOG/slurmd.stdout" 2>&1 ||
-    die "slurmd failed to start" "${LOGFILE[slurmd]}"
+start_slurmd() {  # start_slurmd DAEMON NODENAME PORT
+  live_pid "$1" >/dev/null && return 0
+  port_in_use "$3" && die "port $3 ($1) already in use; set RCOT_SLURM_PORT"
+  mkdir -p "$STATE/slurmd/$2"
+  SLURM_CONF="$CONF" slurmd -N "$2" </dev/null >>"$LOG/$1.stdout" 2>&1 || die "$1 failed to start" "${LOGFILE[$1]}"
 }
 
-node_state() { with_conf sinfo -h -N -n "$(node_name)" -o %T 2>/dev/null | head -n1; }
-node_ready() { [[ $(node_state) =~ ^(idle|mixed|allocated|completing)$ ]]; }
+node_state() { with_conf sinfo -h -N -n "${1:-$NODE}" -o %T 2>/dev/null | head -n1; }
+node_ready() {
+  local n
+  for n in "$NODE" "$NODE2"; do [[ $(node_state "$n") =~ ^(idle|mixed|allocated|completing)$ ]] || return 1; done
+}
 ctld_registered() {  # slurmctld has connected to slurmdbd
   [[ -n $(with_conf sacctmgr -n -P show cluster format=controlhost where cluster="$CLUSTER" 2>/dev/null) ]]
 }
@@ -430,9 +447,13 @@ cmd_start() {
   ((${#MUNGE_SOCKET} < 100)) || die "state path too long for a unix socket: $STATE"
   [[ $STATE != *[[:space:]]* ]] || die "state path must not contain spaces: $STATE"
   install_packages
+  if [[ -f $CONF ]] && ! grep -qxF "$LAYOUT" "$CONF" && { live_pid slurmctld || live_pid slurmdbd; } >/dev/null; then
+    log "running with the config of an older local_cluster.sh: restarting with this one's"
+    cmd_stop
+  fi
   mkdir -p "$ETC" "$RUN" "$LOG" "$MUNGE_DIR" "$STATE/slurmctld" "$STATE/slurmd"
   chmod 755 "$STATE" "$ETC" "$RUN" "$LOG" "$MUNGE_DIR"
-  if ! live_pid slurmctld >/dev/null && ! live_pid slurmd >/dev/null &&
+  if ! live_pid slurmctld >/dev/null && ! live_pid slurmd >/dev/null && ! live_pid slurmd2 >/dev/null &&
      ! live_pid slurmdbd >/dev/null; then
     write_configs   # fresh view of hostname/CPUs/memory while nothing uses them
   fi
@@ -441,12 +462,13 @@ cmd_start() {
   start_mariadb
   start_slurmdbd
   start_slurmctld
-  start_slurmd
+  start_slurmd slurmd "$NODE" "$SLURMD_PORT"
+  start_slurmd slurmd2 "$NODE2" "$SLURMD2_PORT"
   wait_for "$TIMEOUT" "slurmctld" "${LOGFILE[slurmctld]}" with_conf scontrol ping
-  wait_for "$TIMEOUT" "node $(node_name) idle (state: \$(sinfo))" "${LOGFILE[slurmd]}" node_ready
+  wait_for "$TIMEOUT" "nodes $NODE and $NODE2 idle (state: \$(sinfo))" "${LOGFILE[slurmd]}" node_ready
   wait_for "$TIMEOUT" "slurmctld registration with slurmdbd" "${LOGFILE[slurmctld]}" ctld_registered
   all_running || die "a daemon exited during start; see logs in $LOG"
-  log "up in $((SECONDS - t0))s: cluster=$CLUSTER node=$(node_name) partition=debug state=$STATE conf=$CONF (also $SYSTEM_CONF)"
+  log "up in $((SECONDS - t0))s: cluster=$CLUSTER nodes=$NODE,$NODE2 partitions=debug,multi state=$STATE conf=$CONF (also $SYSTEM_CONF)"
 }
 
 stop_daemon() {
@@ -477,6 +499,7 @@ cmd_stop() {
   fi
   local i
   for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do stop_daemon "${DAEMONS[$i]}"; done
+  PIDFILE[slurmd_old]="$RUN/slurmd.pid"; COMM[slurmd_old]=slurmd; stop_daemon slurmd_old  # an older script's
   log "stopped (state kept in $STATE)"
 }
 
@@ -487,8 +510,8 @@ cmd_status() {
     if pid=$(live_pid "$d"); then echo "$d: running (pid $pid)"; else echo "$d: down"; up=1; fi
   done
   if ((up == 0)); then
-    local st; st=$(node_state)
-    echo "node $(node_name): ${st:-unknown}"
+    local n st
+    for n in "$NODE" "$NODE2"; do st=$(node_state "$n"); echo "node $n: ${st:-unknown}"; done
     node_ready || up=1
   fi
   if ((up == 0)); then echo "cluster: up"; else echo "cluster: down"; fi

@@ -4,10 +4,11 @@
 
 Every job is a real `train.py` run (tiny VLM, debug=smoke, recipe=single, algo=sft) in a Slurm array job:
 a sweep lands in multirun/<date>/<time>/<job>/ run dirs; one job failing or killed leaves the others'
-results; a 2-task job trains with 2 gloo processes; a job signalled (USR2, then scontrol requeue) saves a
-checkpoint at the next step, is requeued and resumes there in the same run dir; requests the cluster cannot
-hold fail before submitting.
-The node has 2 CPUs, so every job asks for 1 CPU per task (hardware=slurm_cpu).
+results, and rerun into its sweep dir the sweep runs only those; a 2-node job (two slurmd on this host)
+trains with 2 gloo processes and both resume after a signal; a job signalled (USR2, then scontrol requeue)
+saves a checkpoint at the next step, is requeued and resumes there in the same run dir; requests the
+cluster cannot hold fail before submitting. The main node has 2 CPUs, so every job asks for 1 CPU per task
+(hardware=slurm_cpu).
 """
 
 from __future__ import annotations
@@ -175,33 +176,6 @@ def test_failed_and_killed_jobs_leave_the_others_results(slurm, tmp_path):
     assert float(rows[2]["greedy_acc"]) == pytest.approx(sweep.result(2, "summary.json")["rows"][-1]["greedy_acc"])
 
 
-def test_two_task_job_trains_with_two_gloo_processes(slurm, tmp_path):
-    sweep = run_sweep(
-        tmp_path, *TINY, "seed=0", "hydra.launcher.tasks_per_node=2", "hardware.num_processes=2", env=slurm
-    )
-    assert sweep.returncode == 0, sweep
-    run_dir = sweep.job(0)
-    train = sweep.result(0, "01_sft.json")
-    assert train["global_step"] == STEPS
-    # Each step consumed a batch on each of 2 processes: twice the epochs one process would log.
-    assert train["log_history"][-1]["epoch"] == pytest.approx(STEPS * BATCH * 2 / ROWS)
-    [start] = jobs_txt(run_dir)  # rank 0 alone records the start
-    assert start["tasks"] == "2"
-    folder = Path(start["log"]).parent
-    rank0 = (folder / f"{start['job']}_0_log.out").read_text()
-    rank1 = (folder / f"{start['job']}_1_log.out").read_text()
-    master = re.search(r"rank 0 of 2 on \('\w[\w.-]*',\) \(master ([\w.-]+:\d+)\)", rank0)
-    assert master, rank0
-    assert "rank 1 of 2 on" in rank1 and f"(master {master.group(1)})" in rank1  # one rendezvous for both
-    assert "[01_sft] done: 4 steps" in rank1  # rank 1 trained too
-    assert "[02_evaluate] start: evaluate (on rank 0)" in rank1  # and rank 1 does not evaluate
-    assert train["ranks"] == [0, 1] and train["distributed_type"] == "MULTI_CPU"  # gloo DDP across the 2 tasks
-    log = (run_dir / "output.log").read_text()
-    assert "rank 0 of 2" in log and "rank 1" not in log and log.count("run dir:") == 1
-    assert len(list((run_dir / "tensorboard" / "01_sft").glob("events.out.tfevents.*"))) == 1
-    assert sweep.result(0, "summary.json")["rows"][0]["stage"] == "01_sft"
-
-
 def logged_step(run_dir: Path) -> int:
     """The newest training step a running job has logged: output.log's `[01_sft] step N/M` metric lines
     where the stage logs them there, else the count of the trainer's `{'loss': ...}` console lines in its
@@ -293,6 +267,57 @@ def test_signalled_job_checkpoints_at_the_next_step_and_resumes(slurm, tmp_path)
     assert (run_dir / "result" / "summary.json").exists()
 
 
+def test_two_node_job_trains_over_gloo_and_both_ranks_resume_after_a_signal(slurm, tmp_path):
+    # Partition `multi` is two slurmd on this host (slurm/local_cluster.sh; Debian's Slurm has multiple-slurmd
+    # support): one task on each of 2 nodes gets SLURM_JOB_NODELIST=<node>,<node>-2 and SLURM_NODEID 0 / 1,
+    # which reinforce_cot.cluster turns into one gloo rendezvous at the first node. Signalled (USR2 reaches
+    # both tasks) after step 3, both ranks save at the same step, rank 0 requeues, and the job resumes on 2
+    # nodes to its planned step.
+    steps = 40  # enough that the job is still training when the test signals it
+
+    def preempt(proc):
+        run_dir = wait_for("run dir", lambda: next(tmp_path.glob("multirun/*/*/0/backup/jobs.txt"), None), proc)
+        run_dir = run_dir.parents[1]
+        wait_for("step 3", lambda: logged_step(run_dir) >= 3, proc)
+        subprocess.run(["scancel", "--signal=USR2", jobs_txt(run_dir)[0]["job"]], env=slurm, check=True)
+
+    two_nodes = ("hydra.launcher.partition=multi", "hydra.launcher.nodes=2", "hardware.num_processes=2")
+    sweep = run_sweep(
+        tmp_path, *TINY, "seed=0", *two_nodes, f"algo.args.max_steps={steps}", "algo.args.save_steps=1000",
+        "eval.k=0", env=slurm, wait=preempt, timeout=300,
+    )  # fmt: skip
+    assert sweep.returncode == 0, sweep
+    run_dir = sweep.job(0)
+    starts = jobs_txt(run_dir)  # rank 0 alone records each start
+    node = starts[0]["nodes"].split(",")[0]
+    assert [(s["restart"], s["tasks"], s["nodes"]) for s in starts] == [
+        ("0", "2", f"{node},{node}-2"),
+        ("1", "2", f"{node},{node}-2"),
+    ]
+    [line] = (run_dir / "backup" / "preemptions.txt").read_text().splitlines()
+    k = int(re.search(r" step=(\d+) action=requeue why=checkpoint-\1_saved$", line)[1])
+
+    train = sweep.result(0, "01_sft.json")
+    assert train["global_step"] == steps and Path(train["resumed_from"]).name == f"checkpoint-{k}"
+    assert loss_steps(train) == list(range(1, steps + 1))
+    # Each step consumed a batch on each of 2 processes: twice the epochs one process would log.
+    assert train["log_history"][-1]["epoch"] == pytest.approx(steps * BATCH * 2 / ROWS)
+    assert train["ranks"] == [0, 1] and train["distributed_type"] == "MULTI_CPU"  # gloo DDP across the 2 nodes
+    assert event_steps(run_dir / "tensorboard" / "01_sft") == [list(range(1, k + 1)), list(range(k + 1, steps + 1))]
+
+    folder = Path(starts[0]["log"]).parent
+    rank0 = (folder / f"{starts[0]['job']}_0_log.out").read_text()
+    rank1 = (folder / f"{starts[0]['job']}_1_log.out").read_text()  # both runs of the job append to it
+    master = re.findall(rf"rank 0 of 2 on \('{node}', '{node}-2'\) \(master ({node}:\d+)\)", rank0)
+    assert len(master) == 2, rank0  # the first node is the master, in each run
+    assert rank1.count(f"rank 1 of 2 on ('{node}', '{node}-2') (master {master[0]})") == 2  # one rendezvous
+    assert "SIGUSR2: saving a checkpoint at the end of the current step" in rank1  # rank 1 got it and agreed
+    assert "[02_evaluate] start: evaluate (on rank 0)" in rank1  # rank 1 does not evaluate
+    log = (run_dir / "output.log").read_text()
+    assert "rank 0 of 2" in log and "rank 1" not in log and log.count("run dir:") == 2
+    assert sweep.result(0, "summary.json")["rows"][0]["stage"] == "01_sft"
+
+
 BAD = {
     "cpus": (
         ["hydra.launcher.cpus_per_task=3"],
@@ -305,7 +330,7 @@ BAD = {
     ),
     "partition": (
         ["+cluster.partition=gpu"],
-        "error: hydra.launcher.partition=gpu: no such partition on this cluster (sinfo lists ['debug'])",
+        "error: hydra.launcher.partition=gpu: no such partition on this cluster (sinfo lists ['debug', 'multi'])",
     ),
     "gpus": (["hardware=slurm_1node_8gpu"], "error: hydra.launcher.gpus_per_node=8: partition debug has no GPUs"),
     "time": (

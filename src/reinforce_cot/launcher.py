@@ -23,10 +23,11 @@ plugin's launchers with this module's SubmititSweep mixed in. What it adds:
   (reinforce_cot.sweeps.plan), each keeping its job number and run dir.
 - Each job records the sweep's command line (RCOT_SWEEP_COMMAND) in its backup/command.txt.
 
-Requeue: with `max_num_timeout > 0`, a job that gets Slurm's USR2 before its time limit (or a
-preemption) is requeued by submitit with the same arguments (the plugin's `checkpoint` method); the
-requeued job lands in the same run dir (Hydra's `${now:}` values travel resolved inside the pickled
-launcher), which recipes.run resumes from its last checkpoint.
+Requeue: submitit asks Slurm for USR2 `signal_delay_s` before the time limit, and `_executor` adds sbatch
+`--requeue`. Inside the job, reinforce_cot.preemption (installed by cluster.setup_job) has the trainer save a
+checkpoint at the end of the step in flight before submitit requeues the job with the same arguments (the
+plugin's `checkpoint` method); the requeued job lands in the same run dir (Hydra's `${now:}` values travel
+resolved inside the pickled launcher), which recipes.run resumes from that checkpoint.
 """
 
 from __future__ import annotations
