@@ -43,6 +43,15 @@ def _logger_env(cfg, run_dir: Path, sid: str) -> None:
         os.environ["WANDB_MODE"] = cfg.logger.mode
         if cfg.logger.get("entity"):
             os.environ["WANDB_ENTITY"] = cfg.logger.entity
+        # one W&B run per stage of a run dir, however often it restarts: a requeued or resumed stage continues it
+        os.environ["WANDB_RUN_ID"] = wandb_run_id(run_dir, sid)
+        os.environ["WANDB_RESUME"] = "allow"
+
+
+def wandb_run_id(run_dir: Path, sid: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(f"{Path(run_dir).resolve()}/{sid}".encode()).hexdigest()[:16]
 
 
 def train_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: dict | None = None) -> dict:
