@@ -128,8 +128,10 @@ def setup_job(cfg, run_dir: Path) -> None:
             "or use a hardware=slurm_* preset, which sets both"
         )
     if tasks.num_tasks > 1:
+        from reinforce_cot import hardware
+
         env = torch_distributed_env(tasks, os.environ.get("CUDA_VISIBLE_DEVICES"))
-        os.environ.update(env)
+        os.environ.update(env | hardware.device_env(cfg))
         log.info("rank %s of %s on %s (master %s:%s)", env["RANK"], tasks.num_tasks, tasks.hostnames,
                  env["MASTER_ADDR"], env["MASTER_PORT"])  # fmt: skip
     if tasks.global_rank == 0:
