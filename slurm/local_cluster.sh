@@ -431,6 +431,10 @@ ctld_registered() {  # slurmctld has connected to slurmdbd
   [[ -n $(with_conf sacctmgr -n -P show cluster format=controlhost where cluster="$CLUSTER" 2>/dev/null) ]]
 }
 
+# The one-slurmd pid file an older copy of this script reads (another checkout on the same machine): it then
+# sees the cluster up instead of failing to start a second slurmd on a port in use.
+link_old_pidfile() { ln -sfn "slurmd-$NODE.pid" "$RUN/slurmd.pid"; }
+
 all_running() {
   local d
   for d in "${DAEMONS[@]}"; do live_pid "$d" >/dev/null || return 1; done
@@ -439,6 +443,7 @@ all_running() {
 cmd_start() {
   need_root
   if all_running && node_ready; then
+    link_old_pidfile
     log "already running (state: $STATE)"
     return 0
   fi
@@ -464,6 +469,7 @@ cmd_start() {
   start_slurmctld
   start_slurmd slurmd "$NODE" "$SLURMD_PORT"
   start_slurmd slurmd2 "$NODE2" "$SLURMD2_PORT"
+  link_old_pidfile
   wait_for "$TIMEOUT" "slurmctld" "${LOGFILE[slurmctld]}" with_conf scontrol ping
   wait_for "$TIMEOUT" "nodes $NODE and $NODE2 idle (state: \$(sinfo))" "${LOGFILE[slurmd]}" node_ready
   wait_for "$TIMEOUT" "slurmctld registration with slurmdbd" "${LOGFILE[slurmctld]}" ctld_registered
