@@ -116,8 +116,10 @@ def _late(name: str) -> None:
                 WATCHDOG_FRACTION * _state.delay_s, name)  # fmt: skip
     try:
         _requeue(name, "no step boundary in time")
-    except BaseException as e:  # SystemExit from submitit's handler ends only this thread; Slurm ends the job
-        log.info("watchdog: %s", e)
+    except SystemExit:  # submitit's handler requeued and exits: that ends only this thread; Slurm ends the job
+        pass
+    except Exception as e:  # not requeued (no requeue left, no progress): the time limit will end the job
+        log.warning("watchdog: %s", e)
 
 
 def _cancel_watchdog() -> None:
@@ -235,7 +237,7 @@ def _wandb_preempting() -> None:
 # ----------------------------------------------------------------------------- backup/preemptions.txt
 def _progress() -> str:
     run_dir = _state.run_dir
-    done = len(list((run_dir / "result").glob("*.json"))) if run_dir else 0
+    done = len(list((run_dir / "result").glob("[0-9][0-9]_*.json"))) if run_dir else 0  # result/<stage id>.json
     return f"stages_done={done} step={_state.step if _state.step is not None else '-'}"
 
 
