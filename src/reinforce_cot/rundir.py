@@ -19,7 +19,8 @@ What a run dir says about its run (runs.status reads it; sweep tooling builds on
   ConfigError>` for bad input, `<ExceptionType>: <message>` for an exception in a stage, the torchrun
   child's own reason or `torchrun exited with code N`), the second line points at output.log. Written by
   `mark_failed` on every failure path of `reinforce_cot.main` (validation, a stage, a torchrun child; a
-  single run or a sweep job), by rank 0 only. A resume moves it to backup/resume-<time>/FAILED.
+  single run or a sweep job), by rank 0 only. A resume moves it to backup/resume-<time>/FAILED; a sweep
+  rerun of a job that failed before it started, to backup/rerun-<time>/FAILED (reinforce_cot.sweeps).
 - none of these: running, or killed from outside (time limit, scancel, OOM kill): a killed job writes
   nothing, so it is told apart from a failed one and can be resumed (`resume=<dir>`, Slurm requeue).
 Exit codes: a run exits 0 when it finished, 2 for bad input (`error: ...`, one line), 1 (or torchrun's
