@@ -21,11 +21,13 @@ export LC_ALL=C
 
 STATE="${RCOT_SLURM_STATE:-/tmp/reinforce-cot-slurm}"
 CLUSTER="${RCOT_SLURM_CLUSTER:-rcot}"
-CTLD_PORT="${RCOT_SLURM_PORT:-6817}"          # slurmd uses +1, slurmdbd +2
+CTLD_PORT="${RCOT_SLURM_PORT:-6817}"          # slurmd uses +1, slurmdbd +2, the second slurmd +3
 SLURMD_PORT=$((CTLD_PORT + 1))
 DBD_PORT=$((CTLD_PORT + 2))
+SLURMD2_PORT=$((CTLD_PORT + 3))
 DB_PORT="${RCOT_SLURM_DB_PORT:-3307}"          # private MariaDB, 127.0.0.1 only
 TIMEOUT="${RCOT_SLURM_TIMEOUT:-60}"            # seconds per readiness wait
+APT_LOCK_TIMEOUT="${RCOT_SLURM_APT_LOCK_TIMEOUT:-600}"  # seconds to wait for another apt-get/dpkg
 PACKAGES=(slurm-wlm slurmdbd slurm-client munge mariadb-server mariadb-client)
 
 ETC="$STATE/etc"
@@ -40,6 +42,12 @@ DB_DIR="$STATE/mysql"
 DB_SOCKET="$RUN/mysqld.sock"
 SYSTEM_CONF=/etc/slurm/slurm.conf
 MARKER="# managed by reinforce-cot slurm/local_cluster.sh"
+# Two slurmd on this host (Debian's Slurm is built with multiple-slurmd support: `scontrol show config`
+# says MULTIPLE_SLURMD = Yes): NODE (all CPUs, partition debug) and NODE2 (1 CPU), which with NODE forms
+# partition `multi`, where a job can span 2 nodes. A slurm.conf without this line is from an older script.
+NODE=$(hostname -s)
+NODE2="$NODE-2"
+LAYOUT="# layout: nodes $NODE and $NODE2 (partitions debug, multi)"
 
 # daemon name -> pid file; the name is also the expected /proc/PID/comm
 declare -A PIDFILE=(
@@ -47,18 +55,31 @@ declare -A PIDFILE=(
   [mariadbd]="$RUN/mariadbd.pid"
   [slurmdbd]="$RUN/slurmdbd.pid"
   [slurmctld]="$RUN/slurmctld.pid"
-  [slurmd]="$RUN/slurmd.pid"
+  [slurmd]="$RUN/slurmd-$NODE.pid"
+  [slurmd2]="$RUN/slurmd-$NODE2.pid"
 )
 declare -A LOGFILE=(
   [munged]="$LOG/munged.log"
   [mariadbd]="$LOG/mariadbd.log"
   [slurmdbd]="$LOG/slurmdbd.log"
   [slurmctld]="$LOG/slurmctld.log"
-  [slurmd]="$LOG/slurmd.log"
+  [slurmd]="$LOG/slurmd-$NODE.log"
+  [slurmd2]="$LOG/slurmd-$NODE2.log"
 )
-DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)
+declare -A COMM=([slurmd2]=slurmd)  # /proc/PID/comm where it is not the daemon's name
+DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd slurmd2)
 
 log() { echo "local_cluster: $*" >&2; }
+
+# Daemons started here must not inherit the caller's open files: under `flock LOCK local_cluster.sh start`
+# munged, mariadbd and slurmdbd would keep LOCK's descriptor, and so the lock, for as long as they run.
+close_inherited_fds() {
+  local fd
+  for fd in /proc/$$/fd/*; do
+    fd=${fd##*/}
+    if [[ $fd =~ ^[0-9]+$ ]] && ((fd > 2 && fd != 255)); then eval "exec $fd>&-" 2>/dev/null || true; fi
+  done
+}
 
 die() {  # die MESSAGE [LOGFILE]: tail of the log, then a one-line error last
   if [[ -n "${2:-}" && -f "$2" ]]; then
@@ -87,7 +108,7 @@ live_pid() {
   pid=$(tr -dc '0-9' <"$f")
   [[ -n $pid ]] && alive "$pid" || return 1
   comm=$(cat "/proc/$pid/comm" 2>/dev/null) || return 1
-  [[ $comm == "$name" ]] || return 1   # guards against pid reuse
+  [[ $comm == "${COMM[$name]:-$name}" ]] || return 1   # guards against pid reuse
   echo "$pid"
 }
 
@@ -114,6 +135,54 @@ have_packages() {
   command -v slurmctld >/dev/null && command -v mariadbd >/dev/null
 }
 
+# apt/dpkg locks another apt-get or dpkg may hold (fcntl locks: flock(1) cannot test them)
+APT_LOCKS=(/var/lib/dpkg/lock-frontend /var/lib/dpkg/lock /var/lib/apt/lists/lock /var/cache/apt/archives/lock)
+
+lock_holder() {  # lock_holder FILE: "PID (COMMAND)" of the process holding FILE's lock, per /proc/locks
+  local ino pid
+  ino=$(stat -c %i "$1" 2>/dev/null) || return 1
+  pid=$(awk -v ino="$ino" '$2 != "->" { n = split($6, d, ":"); if (d[n] == ino) { print $5; exit } }' /proc/locks)
+  [[ -n $pid ]] || return 1
+  echo "$pid ($(cat "/proc/$pid/comm" 2>/dev/null || echo '?'))"
+}
+
+held_apt_lock() {  # prints "LOCKFILE held by PID (COMMAND)" for the first held lock; fails when none is
+  local f holder
+  for f in "${APT_LOCKS[@]}"; do
+    holder=$(lock_holder "$f") && { echo "$f held by process $holder"; return 0; }
+  done
+  return 1
+}
+
+# apt_run LOG CMD...: run an apt-get command; while another apt-get/dpkg holds a lock, wait (up to
+# APT_LOCK_TIMEOUT seconds in all, saying so once) instead of failing. apt's own DPkg::Lock::Timeout
+# covers the dpkg lock only, not `apt-get update`'s lists lock, hence the loop. Returns 75 with
+# LOCK_ERROR set when the wait times out (the caller restores policy-rc.d before it dies).
+LOCK_ERROR=""
+apt_run() {
+  local logf=$1; shift
+  local end=$((SECONDS + APT_LOCK_TIMEOUT)) said="" held rc
+  while :; do
+    while held=$(held_apt_lock); do
+      if ((SECONDS >= end)); then
+        LOCK_ERROR="waited ${APT_LOCK_TIMEOUT}s for the apt/dpkg lock ($held); let that apt-get finish, or raise RCOT_SLURM_APT_LOCK_TIMEOUT"
+        return 75
+      fi
+      [[ $said == "$held" ]] || { log "waiting for the apt/dpkg lock: $held (up to ${APT_LOCK_TIMEOUT}s)"; said=$held; }
+      sleep 1
+    done
+    rc=0
+    "$@" -o DPkg::Lock::Timeout=$((end > SECONDS ? end - SECONDS : 1)) >>"$logf" 2>&1 || rc=$?
+    ((rc == 0)) && return 0
+    # taken between our check and apt's: wait again; any other failure is the caller's to report
+    tail -n 5 "$logf" | grep -qE "Could not get lock|Unable to acquire the dpkg frontend lock|Unable to lock" || return $rc
+    if ((SECONDS >= end)); then
+      LOCK_ERROR="waited ${APT_LOCK_TIMEOUT}s for the apt/dpkg lock; let the other apt-get finish, or raise RCOT_SLURM_APT_LOCK_TIMEOUT"
+      return 75
+    fi
+  done
+}
+
 install_packages() {
   have_packages && return 0
   command -v apt-get >/dev/null || die "packages missing (${PACKAGES[*]}) and apt-get not available"
@@ -131,23 +200,27 @@ install_packages() {
   export DEBIAN_FRONTEND=noninteractive
   local apt=(apt-get install -y -q --no-install-recommends
              -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
-  if ! "${apt[@]}" "${PACKAGES[@]}" >"/tmp/rcot-slurm-apt.log" 2>&1; then
+  : >"/tmp/rcot-slurm-apt.log"
+  apt_run /tmp/rcot-slurm-apt.log "${apt[@]}" "${PACKAGES[@]}" || rc=$?
+  if ((rc != 0 && rc != 75)); then
     log "install failed with current package lists; running apt-get update once"
-    { apt-get update -q && "${apt[@]}" "${PACKAGES[@]}"; } >>"/tmp/rcot-slurm-apt.log" 2>&1 || rc=$?
+    rc=0
+    { apt_run /tmp/rcot-slurm-apt.log apt-get update -q &&
+      apt_run /tmp/rcot-slurm-apt.log "${apt[@]}" "${PACKAGES[@]}"; } || rc=$?
   fi
   if ((created)); then
     if [[ -n $backup ]]; then cp -p "$backup" "$prc"; rm -f "$backup"; else rm -f "$prc"; fi
   fi
+  ((rc != 75)) || die "$LOCK_ERROR" /tmp/rcot-slurm-apt.log
   ((rc == 0)) || die "apt-get install failed" /tmp/rcot-slurm-apt.log
   have_packages || die "packages still missing after apt-get install" /tmp/rcot-slurm-apt.log
 }
 
 # ---------------------------------------------------------------- config
-node_name() { hostname -s; }
+node_name() { echo "$NODE"; }
 
 write_configs() {
-  local node cpus mem_total real_mem sockets cores threads line
-  node=$(node_name)
+  local node=$NODE cpus mem_total real_mem sockets cores threads line
   # GNU nproc honours OMP_NUM_THREADS (exported as 1 above): unset it here
   cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
   mem_total=$(awk '/^MemTotal:/ {print int($2/1024)}' /proc/meminfo)
@@ -171,7 +244,8 @@ write_configs() {
 
   cat >"$CONF.new" <<EOF
 $MARKER
-# Single-node test cluster; state folder: $STATE
+$LAYOUT
+# Test cluster on one host; state folder: $STATE
 ClusterName=$CLUSTER
 SlurmctldHost=$node(127.0.0.1)
 SlurmctldPort=$CTLD_PORT
@@ -187,11 +261,12 @@ AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
 # not AuthInfo; without this sacct/sacctmgr use /run/munge and fail.
 AccountingStoragePass=socket=$MUNGE_SOCKET
 StateSaveLocation=$STATE/slurmctld
-SlurmdSpoolDir=$STATE/slurmd
+# %n: the node name, one of each per slurmd
+SlurmdSpoolDir=$STATE/slurmd/%n
 SlurmctldPidFile=${PIDFILE[slurmctld]}
-SlurmdPidFile=${PIDFILE[slurmd]}
+SlurmdPidFile=$RUN/slurmd-%n.pid
 SlurmctldLogFile=${LOGFILE[slurmctld]}
-SlurmdLogFile=${LOGFILE[slurmd]}
+SlurmdLogFile=$LOG/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -217,8 +292,11 @@ AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 AccountingStoragePort=$DBD_PORT
 JobCompType=jobcomp/none
-NodeName=$node NodeAddr=127.0.0.1 NodeHostname=$node CPUs=$cpus$topo RealMemory=$real_mem State=UNKNOWN
+NodeName=$node NodeAddr=127.0.0.1 NodeHostname=$node Port=$SLURMD_PORT CPUs=$cpus$topo RealMemory=$real_mem State=UNKNOWN
+# the second slurmd, same host: 1 CPU, so that a 2-node job of 1 task per node uses this host's 2 cores
+NodeName=$NODE2 NodeAddr=127.0.0.1 NodeHostname=$node Port=$SLURMD2_PORT CPUs=1 RealMemory=$((real_mem / 2)) State=UNKNOWN
 PartitionName=debug Nodes=$node Default=YES MaxTime=01:00:00 DefaultTime=00:10:00 State=UP
+PartitionName=multi Nodes=$node,$NODE2 MaxTime=01:00:00 DefaultTime=00:10:00 State=UP
 EOF
   mv "$CONF.new" "$CONF"
   chmod 644 "$CONF"
@@ -337,18 +415,25 @@ start_slurmctld() {
     die "slurmctld failed to start" "${LOGFILE[slurmctld]}"
 }
 
-start_slurmd() {
-  live_pid slurmd >/dev/null && return 0
-  port_in_use "$SLURMD_PORT" && die "port $SLURMD_PORT (slurmd) already in use; set RCOT_SLURM_PORT"
-  SLURM_CONF="$CONF" slurmd -N "$(node_name)" </dev/null >>"$LOG/slurmd.stdout" 2>&1 ||
-    die "slurmd failed to start" "${LOGFILE[slurmd]}"
+start_slurmd() {  # start_slurmd DAEMON NODENAME PORT
+  live_pid "$1" >/dev/null && return 0
+  port_in_use "$3" && die "port $3 ($1) already in use; set RCOT_SLURM_PORT"
+  mkdir -p "$STATE/slurmd/$2"
+  SLURM_CONF="$CONF" slurmd -N "$2" </dev/null >>"$LOG/$1.stdout" 2>&1 || die "$1 failed to start" "${LOGFILE[$1]}"
 }
 
-node_state() { with_conf sinfo -h -N -n "$(node_name)" -o %T 2>/dev/null | head -n1; }
-node_ready() { [[ $(node_state) =~ ^(idle|mixed|allocated|completing)$ ]]; }
+node_state() { with_conf sinfo -h -N -n "${1:-$NODE}" -o %T 2>/dev/null | head -n1; }
+node_ready() {
+  local n
+  for n in "$NODE" "$NODE2"; do [[ $(node_state "$n") =~ ^(idle|mixed|allocated|completing)$ ]] || return 1; done
+}
 ctld_registered() {  # slurmctld has connected to slurmdbd
   [[ -n $(with_conf sacctmgr -n -P show cluster format=controlhost where cluster="$CLUSTER" 2>/dev/null) ]]
 }
+
+# The one-slurmd pid file an older copy of this script reads (another checkout on the same machine): it then
+# sees the cluster up instead of failing to start a second slurmd on a port in use.
+link_old_pidfile() { ln -sfn "slurmd-$NODE.pid" "$RUN/slurmd.pid"; }
 
 all_running() {
   local d
@@ -358,6 +443,7 @@ all_running() {
 cmd_start() {
   need_root
   if all_running && node_ready; then
+    link_old_pidfile
     log "already running (state: $STATE)"
     return 0
   fi
@@ -366,9 +452,13 @@ cmd_start() {
   ((${#MUNGE_SOCKET} < 100)) || die "state path too long for a unix socket: $STATE"
   [[ $STATE != *[[:space:]]* ]] || die "state path must not contain spaces: $STATE"
   install_packages
+  if [[ -f $CONF ]] && ! grep -qxF "$LAYOUT" "$CONF" && { live_pid slurmctld || live_pid slurmdbd; } >/dev/null; then
+    log "running with the config of an older local_cluster.sh: restarting with this one's"
+    cmd_stop
+  fi
   mkdir -p "$ETC" "$RUN" "$LOG" "$MUNGE_DIR" "$STATE/slurmctld" "$STATE/slurmd"
   chmod 755 "$STATE" "$ETC" "$RUN" "$LOG" "$MUNGE_DIR"
-  if ! live_pid slurmctld >/dev/null && ! live_pid slurmd >/dev/null &&
+  if ! live_pid slurmctld >/dev/null && ! live_pid slurmd >/dev/null && ! live_pid slurmd2 >/dev/null &&
      ! live_pid slurmdbd >/dev/null; then
     write_configs   # fresh view of hostname/CPUs/memory while nothing uses them
   fi
@@ -377,12 +467,14 @@ cmd_start() {
   start_mariadb
   start_slurmdbd
   start_slurmctld
-  start_slurmd
+  start_slurmd slurmd "$NODE" "$SLURMD_PORT"
+  start_slurmd slurmd2 "$NODE2" "$SLURMD2_PORT"
+  link_old_pidfile
   wait_for "$TIMEOUT" "slurmctld" "${LOGFILE[slurmctld]}" with_conf scontrol ping
-  wait_for "$TIMEOUT" "node $(node_name) idle (state: \$(sinfo))" "${LOGFILE[slurmd]}" node_ready
+  wait_for "$TIMEOUT" "nodes $NODE and $NODE2 idle (state: \$(sinfo))" "${LOGFILE[slurmd]}" node_ready
   wait_for "$TIMEOUT" "slurmctld registration with slurmdbd" "${LOGFILE[slurmctld]}" ctld_registered
   all_running || die "a daemon exited during start; see logs in $LOG"
-  log "up in $((SECONDS - t0))s: cluster=$CLUSTER node=$(node_name) partition=debug state=$STATE conf=$CONF (also $SYSTEM_CONF)"
+  log "up in $((SECONDS - t0))s: cluster=$CLUSTER nodes=$NODE,$NODE2 partitions=debug,multi state=$STATE conf=$CONF (also $SYSTEM_CONF)"
 }
 
 stop_daemon() {
@@ -413,6 +505,7 @@ cmd_stop() {
   fi
   local i
   for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do stop_daemon "${DAEMONS[$i]}"; done
+  PIDFILE[slurmd_old]="$RUN/slurmd.pid"; COMM[slurmd_old]=slurmd; stop_daemon slurmd_old  # an older script's
   log "stopped (state kept in $STATE)"
 }
 
@@ -423,8 +516,8 @@ cmd_status() {
     if pid=$(live_pid "$d"); then echo "$d: running (pid $pid)"; else echo "$d: down"; up=1; fi
   done
   if ((up == 0)); then
-    local st; st=$(node_state)
-    echo "node $(node_name): ${st:-unknown}"
+    local n st
+    for n in "$NODE" "$NODE2"; do st=$(node_state "$n"); echo "node $n: ${st:-unknown}"; done
     node_ready || up=1
   fi
   if ((up == 0)); then echo "cluster: up"; else echo "cluster: down"; fi
@@ -443,8 +536,11 @@ cmd_purge() {
   log "removed $STATE"
 }
 
+# Sourced (tests/test_local_cluster.py calls single functions): define, do not run.
+[[ ${BASH_SOURCE[0]} == "$0" ]] || return 0
+
 case "${1:-}" in
-  start) cmd_start ;;
+  start) close_inherited_fds; cmd_start ;;
   stop) cmd_stop ;;
   status) cmd_status ;;
   env) cmd_env ;;

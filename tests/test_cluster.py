@@ -33,7 +33,7 @@ def test_slurm_launcher_preset(hydra_ctx):
     got = launcher("hydra/launcher=slurm", "+cluster.partition=gpu", "+cluster.account=lab", "+cluster.qos=high")
     assert got["_target_"] == "hydra_plugins.reinforce_cot_launcher.launcher.SlurmLauncher"
     assert (got["partition"], got["account"], got["qos"], got["constraint"]) == ("gpu", "lab", "high", None)
-    assert got["max_num_timeout"] > 0  # requeue on: tests/test_sweeps.py::test_time_limit_requeues_and_resumes
+    assert got["max_num_timeout"] > 0 and got["signal_delay_s"] == 300  # tests/test_sweeps.py: requeue tests
     assert got["submitit_folder"].endswith("/.submitit/%j") and got["name"] == "train"
     assert got["additional_parameters"] == {}
 

@@ -16,9 +16,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import RunMode
 from omegaconf import open_dict
 
-from reinforce_cot import hardware, main, recipes, rundir, runs
+from reinforce_cot import hardware, main, recipes, rundir, runs, sweeps
 from reinforce_cot.errors import ConfigError
-from reinforce_cot.launcher import finish_sweep
 
 CONF = str(ROOT / "conf")
 
@@ -110,18 +109,19 @@ def _job(status, value, overrides):
     return ret
 
 
-def test_finish_sweep_lists_failed_jobs_and_exits_1(capsys):
+def test_finish_sweep_lists_failed_jobs_and_exits_1(capsys, tmp_path):
     ok = _job(JobStatus.COMPLETED, {"01_sft": {}}, ["seed=0"])
     bad = _job(JobStatus.FAILED, main.JobFailed("error: eval.k=-1 must be >= 0"), ["seed=1", "eval.k=-1"])
-    finish_sweep([("#0", ok)])  # every job ok: returns
+    sweeps.finish([sweeps.Job(0, ["seed=0"], ret=ok)], tmp_path)  # every job ok: returns
     with pytest.raises(SystemExit) as e:
-        finish_sweep([("#0", ok), ("#1", bad)])
+        sweeps.finish([sweeps.Job(0, ["seed=0"], ret=ok), sweeps.Job(1, ["seed=1", "eval.k=-1"], ret=bad)], tmp_path)
     assert e.value.code == 1
     err = capsys.readouterr().err.splitlines()
-    assert err == [
+    assert err[:2] == [
         "error: 1 of 2 jobs of the sweep failed:",
         "  #1 seed=1 eval.k=-1: error: eval.k=-1 must be >= 0  (no run dir)",
     ]
+    assert err[2].startswith("rerun the failed and unfinished jobs: python ") and err[2].endswith(f"={tmp_path}")
 
 
 def test_sweep_whose_jobs_fail_exits_1_and_lists_them(tmp_path):
@@ -137,7 +137,18 @@ def test_sweep_whose_jobs_fail_exits_1_and_lists_them(tmp_path):
         assert listing[1 + job] == f"  #{job} recipe=single algo=sft eval.k={k}: {reason}  ({run_dir})"
         assert rundir.failure(run_dir) == reason
         assert not (run_dir / "backup" / "config.yaml").exists()  # not resumable: it never started
-    assert "#0: FAILED" in proc.stdout and "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr
+    table = (tmp_path / "sweep" / "sweep.md").read_text()  # the end-of-sweep table (reinforce_cot.sweeps)
+    assert "| 0   | eval.k=-1 | FAILED: error: eval.k=-1 must be >= 0" in table, table
+
+    # Rerun into its sweep dir: neither job finished, so both run again, each into its own run dir; the reason
+    # the first try failed is kept (these failed before they started: no backup/config.yaml, a fresh start)
+    rerun = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 1 and "0 job(s) done before, not run again (-); running #0 #1" in rerun.stdout
+    for job, k in ((0, -1), (1, -2)):
+        run_dir = tmp_path / "sweep" / str(job)
+        [kept] = run_dir.glob("backup/rerun-*/FAILED")
+        assert kept.read_text().startswith(f"error: eval.k={k} must be >= 0") and runs.status(run_dir) == "failed"
 
 
 # ------------------------------------------------- bad input fails in validation, before anything is written

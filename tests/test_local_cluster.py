@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -53,6 +54,56 @@ def slurm_env():
     yield env
     if not was_up:
         _run(["bash", str(SCRIPT), "stop"], env, timeout=120)
+
+
+HOLD_LOCK = "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.lockf(f, fcntl.LOCK_EX); print(1, flush=True); time.sleep(60)"
+
+
+def _apt_run(tmp_path, lock: Path, timeout_s: int) -> tuple[subprocess.CompletedProcess, float]:
+    """The script's apt_run on a stand-in command (echo), with `lock` as the only apt/dpkg lock."""
+    script = (
+        f"source {SCRIPT}; APT_LOCKS=({lock}); APT_LOCK_TIMEOUT={timeout_s}; "
+        f'apt_run {tmp_path}/apt.log echo ran || echo "rc=$? $LOCK_ERROR"'
+    )
+    t0 = time.monotonic()
+    res = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    return res, time.monotonic() - t0
+
+
+def test_apt_waits_for_a_held_dpkg_lock_then_runs(tmp_path):
+    # Another apt-get or dpkg holds its lock (an fcntl lock, as apt's are): the install waits, says once
+    # whom it waits for, and runs when the lock is free, instead of failing as apt-get does at once.
+    lock = tmp_path / "lock-frontend"
+    lock.touch()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock)], stdout=subprocess.PIPE)
+    try:
+        holder.stdout.readline()  # held
+        subprocess.Popen(["bash", "-c", f"sleep 2; kill {holder.pid}"])
+        res, took = _apt_run(tmp_path, lock, timeout_s=30)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert res.returncode == 0 and "rc=" not in res.stdout, res
+    assert took >= 1.5, took
+    waits = [line for line in res.stderr.splitlines() if "waiting for the apt/dpkg lock" in line]
+    assert len(waits) == 1, res.stderr  # said once, not once a second
+    assert waits[0].startswith(f"local_cluster: waiting for the apt/dpkg lock: {lock} held by process {holder.pid} (")
+    assert (tmp_path / "apt.log").read_text().startswith("ran -o DPkg::Lock::Timeout=")  # apt's own wait too
+
+
+def test_apt_gives_up_on_a_lock_held_too_long_with_a_clear_message(tmp_path):
+    lock = tmp_path / "lock"
+    lock.touch()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock)], stdout=subprocess.PIPE)
+    try:
+        holder.stdout.readline()
+        res, took = _apt_run(tmp_path, lock, timeout_s=1)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"rc=75 waited 1s for the apt/dpkg lock ({lock} held by process {holder.pid} (" in res.stdout, res
+    assert "raise RCOT_SLURM_APT_LOCK_TIMEOUT" in res.stdout and took < 10
+    assert not (tmp_path / "apt.log").exists()  # apt-get never ran
 
 
 def _wait_for_state(job_id: str, env, wanted: set[str], timeout: float) -> str:

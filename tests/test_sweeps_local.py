@@ -41,7 +41,9 @@ def test_local_launcher_runs_each_job_in_its_own_run_dir(local_sweep):
         assert list((run_dir / "tensorboard" / "01_sft").glob("events.out.tfevents.*"))
         assert (sweep.dir / ".submitit").is_dir()
     assert len(ids) == 3  # one submitit job per sweep job
-    assert sweep.stdout.count(": ok  (") == 3, sweep
+    table = (sweep.dir / "sweep.md").read_text().splitlines()  # the end-of-sweep table: no Slurm columns here
+    assert table[0].split("|")[1:4] == [" job ", " overrides ", " result "] and len(table) == 5, table
+    assert all(line.split("|")[3].strip() == "ok" for line in table[2:]), table
 
 
 @pytest.mark.slow

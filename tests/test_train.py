@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from reinforce_cot import tiny
+from reinforce_cot import tiny, training
 
 
 def _changed(before, after) -> list[str]:
@@ -78,6 +78,8 @@ def test_wandb_offline_logs_into_the_run_dir(train):
     assert run.returncode == 0, run
     offline = list((run.dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert offline and offline[0].stat().st_size > 0
+    # its id is the stage's own, so a requeued or resumed stage continues this W&B run
+    assert offline[0].name == f"run-{training.wandb_run_id(run.dir, '01_sft')}.wandb"
     assert list((run.dir / "tensorboard" / "01_sft").glob("events.out.tfevents.*"))  # both loggers
 
 

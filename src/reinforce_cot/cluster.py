@@ -113,6 +113,13 @@ def setup_job(cfg, run_dir: Path) -> None:
     tasks = current_tasks()
     if tasks is None:
         return
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from reinforce_cot import preemption
+
+    # USR2 (time-limit warning) and SIGTERM (preemption): checkpoint at the next step, then requeue
+    preemption.install(run_dir, OmegaConf.select(HydraConfig.get(), "launcher.signal_delay_s", default=30))
     expected = cfg.hardware.num_processes
     if tasks.num_tasks != expected:
         raise ConfigError(
@@ -121,8 +128,10 @@ def setup_job(cfg, run_dir: Path) -> None:
             "or use a hardware=slurm_* preset, which sets both"
         )
     if tasks.num_tasks > 1:
+        from reinforce_cot import hardware
+
         env = torch_distributed_env(tasks, os.environ.get("CUDA_VISIBLE_DEVICES"))
-        os.environ.update(env)
+        os.environ.update(env | hardware.device_env(cfg))
         log.info("rank %s of %s on %s (master %s:%s)", env["RANK"], tasks.num_tasks, tasks.hostnames,
                  env["MASTER_ADDR"], env["MASTER_PORT"])  # fmt: skip
     if tasks.global_rank == 0:

@@ -198,8 +198,17 @@ def launch(cfg, run_dir: Path, overrides: list[str]) -> int:
     log.info("starting %d processes: %s", cfg.hardware.num_processes, " ".join(cmd))
     # torchrun would set 1 thread per process; on GPU machines the cores are shared out instead
     threads = os.environ.get("OMP_NUM_THREADS") or str(default_threads(int(cfg.hardware.num_processes)))
-    env = {**os.environ, "OMP_NUM_THREADS": threads}
+    env = {**os.environ, "OMP_NUM_THREADS": threads, **device_env(cfg)}
     return subprocess.run(cmd, env=env).returncode
+
+
+def device_env(cfg) -> dict[str, str]:
+    """For every process of a multi-process CPU run. On MULTI_CPU accelerate names rank r's device `cpu:r`
+    (r modulo torch.cpu.device_count(), so `cpu:0`), and transformers' Trainer loads a checkpoint's optimizer
+    state with map_location=<that device>, which torch.load refuses ("don't know how to restore data location
+    of torch.storage.UntypedStorage (tagged with cpu:0)"): a resumed or requeued run would fail. Plain `cpu`
+    is the same device."""
+    return {"ACCELERATE_TORCH_DEVICE": "cpu"} if cfg.algo.args.get("use_cpu") else {}
 
 
 def setup_process_logging() -> None:

@@ -17,14 +17,17 @@ plugin's launchers with this module's SubmititSweep mixed in. What it adds:
   printed the same way. Nothing hangs.
 - A job that ends without a result (killed by the time limit with no requeue left, out of memory,
   scancel, a lost node) no longer aborts the collection of the others: every job is waited for, a
-  summary table is logged, and a sweep with failed jobs exits 1 listing them (`finish_sweep`, shared
-  with the default launcher, hydra/launcher=sequential).
+  table is logged, and a sweep with failed jobs exits 1 listing them (reinforce_cot.sweeps.finish,
+  shared with the default launcher, hydra/launcher=sequential).
+- Rerun into its sweep dir (`hydra.sweep.dir=<dir>`), a sweep submits only the jobs not done there
+  (reinforce_cot.sweeps.plan), each keeping its job number and run dir.
 - Each job records the sweep's command line (RCOT_SWEEP_COMMAND) in its backup/command.txt.
 
-Requeue: with `max_num_timeout > 0`, a job that gets Slurm's USR2 before its time limit (or a
-preemption) is requeued by submitit with the same arguments (the plugin's `checkpoint` method); the
-requeued job lands in the same run dir (Hydra's `${now:}` values travel resolved inside the pickled
-launcher), which recipes.run resumes from its last checkpoint.
+Requeue: submitit asks Slurm for USR2 `signal_delay_s` before the time limit, and `_executor` adds sbatch
+`--requeue`. Inside the job, reinforce_cot.preemption (installed by cluster.setup_job) has the trainer save a
+checkpoint at the end of the step in flight before submitit requeues the job with the same arguments (the
+plugin's `checkpoint` method); the requeued job lands in the same run dir (Hydra's `${now:}` values travel
+resolved inside the pickled launcher), which recipes.run resumes from that checkpoint.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf
 
+from reinforce_cot import sweeps
 from reinforce_cot.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -181,6 +185,12 @@ class SubmititSweep:
         init = {"folder": params.pop("submitit_folder")}
         if "max_num_timeout" in params:
             init[f"{self._EXECUTOR}_max_num_timeout"] = params.pop("max_num_timeout")
+        if "additional_parameters" in params:  # Slurm
+            extra = params["additional_parameters"] or {}
+            if not {"requeue", "no-requeue", "no_requeue"} & set(extra):
+                # submitit's requeue (`scontrol requeue`) and a scheduler's PreemptMode=REQUEUE need a
+                # requeueable job: where the cluster sets JobRequeue=0 only sbatch --requeue makes it one
+                params["additional_parameters"] = {"requeue": True, **extra}
         executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init)
         # The plugin's generic keys (BaseQueueConf) are submitit's generic names; the rest are executor-specific.
         generic = set(OmegaConf.structured(BaseQueueConf).keys())
@@ -194,27 +204,27 @@ class SubmititSweep:
             self._preflight()
         except ConfigError as e:
             _exit_with(e)
+        jobs, todo = plan_or_exit(self, job_overrides, initial_job_idx)
         os.environ["RCOT_SWEEP_COMMAND"] = shlex.join(["python", *sys.argv])  # jobs inherit the environment
         executor = self._executor()
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        log.info("submitit '%s' sweep of %d job(s) -> %s", self._EXECUTOR, len(job_overrides), sweep_dir)
+        log.info("submitit '%s' sweep of %d job(s) -> %s", self._EXECUTOR, len(todo), sweep_dir)
         calls = []
-        for i, overrides in enumerate(job_overrides):
-            idx = initial_job_idx + i
-            log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
-            calls.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
+        for job in todo:  # each keeps its number (its run dir) in a rerun that skips the jobs done before
+            log.info("\t#%d : %s", job.num, " ".join(filter_overrides(job.overrides)))
+            calls.append((job.overrides, "hydra.sweep.dir", job.num, f"job_id_for_{job.num}", Singleton.get_state()))
         try:
-            jobs = executor.map_array(self, *zip(*calls))
+            submitted = executor.map_array(self, *zip(*calls)) if calls else []
         except FailedJobError as e:  # sbatch refused: its own words are the clearest reason
             lines = [line.strip().removeprefix("sbatch: error: ") for line in str(e).splitlines()]
             reason = " ".join(line for line in lines if line)
             _exit_with(ConfigError(f"hydra/launcher={self._EXECUTOR}: sbatch refused the sweep: {reason}"))
-        returns = [self._wait(job, overrides) for job, (overrides, *_) in zip(jobs, calls)]
-        finish_sweep(
-            [(f"#{initial_job_idx + i} job {job.job_id}", ret) for i, (job, ret) in enumerate(zip(jobs, returns))]
-        )
-        return returns
+        for job, run in zip(todo, submitted):
+            job.ret = self._wait(run, job.overrides)
+            job.slurm_job = run.job_id if self._EXECUTOR == "slurm" else None
+        sweeps.finish(jobs, sweep_dir)
+        return sweeps.returns(jobs)
 
     def _wait(self, job, overrides: list[str]) -> JobReturn:
         from submitit.core.utils import FailedJobError, UncompletedJobError
@@ -229,23 +239,12 @@ class SubmititSweep:
             return ret
 
 
-def finish_sweep(jobs: list[tuple[str, JobReturn]]) -> None:
-    """After every job of a sweep ended: log one line per job (label, ok or FAILED and why, run dir); when any
-    failed, list those on stderr and exit 1 (the contract: reinforce_cot.rundir). A job failed when Hydra
-    says so: main raised (JobFailed: bad input, an exception, a torchrun child), or it ended without a result."""
-    lines, failed = [], []
-    for label, ret in jobs:
-        where = ret.hydra_cfg.hydra.runtime.output_dir if ret.hydra_cfg is not None else "no run dir"
-        if ret.status == JobStatus.COMPLETED:
-            lines.append(f"  {label}: ok  ({where})")
-            continue
-        why = " ".join(str(ret._return_value).split())
-        lines.append(f"  {label}: FAILED  {why}  ({where})")
-        failed.append(f"  {label} {' '.join(filter_overrides(ret.overrides or []))}: {why}  ({where})")
-    log.info("sweep finished:\n%s", "\n".join(lines))
-    if failed:
-        print(f"error: {len(failed)} of {len(jobs)} jobs of the sweep failed:", *failed, sep="\n", file=sys.stderr)
-        raise SystemExit(1)
+def plan_or_exit(launcher, job_overrides, initial_job_idx):
+    """reinforce_cot.sweeps.plan for a launcher (every job, and those to run); an unsafe rerun exits 2."""
+    try:
+        return sweeps.plan(launcher.config, launcher.hydra_context, job_overrides, initial_job_idx)
+    except ConfigError as e:
+        _exit_with(e)
 
 
 def _exit_with(error: ConfigError):

@@ -12,7 +12,7 @@ Flow: compose -> validate every stage (before any weights load) -> run dir + pro
 (train: data -> model -> rewards -> TRL trainer -> train with auto-resume -> save; evaluate) -> table.
 Bad input ends with a one-line `error: ...` naming the key and the fix (exit code 2). Every failure, of a
 run or of a sweep job, leaves result/FAILED with its reason (the contract: reinforce_cot.rundir); in a sweep
-the other jobs go on, and the sweep exits 1 listing the failed ones (reinforce_cot.launcher.finish_sweep).
+the other jobs go on, and the sweep exits 1 listing the failed ones (reinforce_cot.sweeps.finish).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _route_library_logs() -> None:
 
 class JobFailed(RuntimeError):
     """A sweep job failed (bad input, an exception, a torchrun child): raised so that Hydra counts the job as
-    failed and the launcher lists it (reinforce_cot.launcher.finish_sweep); result/FAILED holds the reason."""
+    failed and the launcher lists it (reinforce_cot.sweeps.finish); result/FAILED holds the reason."""
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")

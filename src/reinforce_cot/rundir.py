@@ -19,13 +19,14 @@ What a run dir says about its run (runs.status reads it; sweep tooling builds on
   ConfigError>` for bad input, `<ExceptionType>: <message>` for an exception in a stage, the torchrun
   child's own reason or `torchrun exited with code N`), the second line points at output.log. Written by
   `mark_failed` on every failure path of `reinforce_cot.main` (validation, a stage, a torchrun child; a
-  single run or a sweep job), by rank 0 only. A resume moves it to backup/resume-<time>/FAILED.
+  single run or a sweep job), by rank 0 only. A resume moves it to backup/resume-<time>/FAILED; a sweep
+  rerun of a job that failed before it started, to backup/rerun-<time>/FAILED (reinforce_cot.sweeps).
 - none of these: running, or killed from outside (time limit, scancel, OOM kill): a killed job writes
   nothing, so it is told apart from a failed one and can be resumed (`resume=<dir>`, Slurm requeue).
 Exit codes: a run exits 0 when it finished, 2 for bad input (`error: ...`, one line), 1 (or torchrun's
 code) for a failure in a stage. A sweep (`-m`) runs every job, then exits 0 when every job finished,
 1 when any failed or ended without a result, listing those jobs on stderr one per line:
-`  #<job> <overrides>: <reason>  (<run dir>)` (reinforce_cot.launcher.finish_sweep), 2 when its launcher
+`  #<job> <overrides>: <reason>  (<run dir>)` (reinforce_cot.sweeps.finish), 2 when its launcher
 refused it before any job started.
 """
 

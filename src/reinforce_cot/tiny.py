@@ -110,6 +110,12 @@ def build(model_cfg) -> Path:
     folder = cache_root() / "tiny" / f"{kind}-{_digest({'kind': kind, **tiny})}"
     if (folder / "config.json").exists():
         return folder
+    from reinforce_cot import hardware
+
+    if hardware.world_size() > 1 and not hardware.is_main():
+        # rank 0 of this job builds it: once torch.distributed is up, save_pretrained writes weights on rank 0
+        # only, so a copy built here would lack them
+        return _wait_for(folder)
     import torch
 
     log.info("building tiny %s in %s", kind, folder)
@@ -131,6 +137,17 @@ def build(model_cfg) -> Path:
         if not (folder / "config.json").exists():
             raise
         shutil.rmtree(tmp)  # a parallel job of a sweep, or another rank of this job, built it first
+    return folder
+
+
+def _wait_for(folder: Path, timeout_s: float = 600) -> Path:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not (folder / "config.json").exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rank 0 did not build the tiny model in {folder} within {timeout_s:.0f} s; see its log")
+        time.sleep(0.2)
     return folder
 
 

@@ -16,7 +16,17 @@ from pathlib import Path
 
 from hydra.utils import instantiate
 
-from reinforce_cot import adapters, dynamic_sampling, hardware, models, parts, rewards, sampling, vllm_images
+from reinforce_cot import (
+    adapters,
+    dynamic_sampling,
+    hardware,
+    models,
+    parts,
+    preemption,
+    rewards,
+    sampling,
+    vllm_images,
+)
 from reinforce_cot import data as data_lib
 from reinforce_cot.rundir import write_json
 
@@ -43,6 +53,15 @@ def _logger_env(cfg, run_dir: Path, sid: str) -> None:
         os.environ["WANDB_MODE"] = cfg.logger.mode
         if cfg.logger.get("entity"):
             os.environ["WANDB_ENTITY"] = cfg.logger.entity
+        # one W&B run per stage of a run dir, however often it restarts: a requeued or resumed stage continues it
+        os.environ["WANDB_RUN_ID"] = wandb_run_id(run_dir, sid)
+        os.environ["WANDB_RESUME"] = "allow"
+
+
+def wandb_run_id(run_dir: Path, sid: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(f"{Path(run_dir).resolve()}/{sid}".encode()).hexdigest()[:16]
 
 
 def train_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: dict | None = None) -> dict:
@@ -93,6 +112,7 @@ def train_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: dict | None
     resume_from = last_checkpoint(ckpt_dir)
     if resume_from:
         log.info("[%s] resuming from %s", sid, resume_from)
+    preemption.attach(trainer)  # in a Slurm job: USR2/SIGTERM -> checkpoint at the next step -> requeue
     out = trainer.train(resume_from_checkpoint=resume_from)
 
     final = ckpt_dir / "final"
@@ -124,6 +144,7 @@ def train_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: dict | None
     }
     if trainer.is_world_process_zero():
         write_json(run_dir / "result" / f"{sid}.json", summary)
+    preemption.stage_done()  # a signal after the last step: requeue now (this stage is done)
     log.info("[%s] done: %d steps in %.0f s -> %s", sid, trainer.state.global_step, summary["wall_seconds"], final)
     hardware.release_trainer(trainer)  # DeepSpeed engine, colocated vLLM; the rest goes with the stage (stage_scope)
     return summary

@@ -1,11 +1,15 @@
 """hydra-submitit-launcher's Slurm and local launchers plus reinforce_cot.launcher.SubmititSweep (checks before
-submitting, a sweep that outlives a killed job), and Hydra's basic launcher with the same end of sweep (a line
-per job; failed jobs listed, exit code 1). Selected by hydra/launcher=slurm, local and sequential (the default)."""
+submitting, a sweep that outlives a killed job), and Hydra's basic launcher with the same rerun of unfinished jobs
+and end of sweep (a table; failed jobs listed, exit code 1: reinforce_cot.sweeps). Selected by
+hydra/launcher=slurm, local and sequential (the default)."""
+
+from pathlib import Path
 
 from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 
-from reinforce_cot.launcher import SubmititSweep, finish_sweep, preflight_local, preflight_slurm
+from reinforce_cot import sweeps
+from reinforce_cot.launcher import SubmititSweep, plan_or_exit, preflight_local, preflight_slurm
 
 
 class SlurmLauncher(SubmititSweep, submitit_launcher.SlurmLauncher):
@@ -22,6 +26,8 @@ class SequentialLauncher(BasicLauncher):
     """Hydra's basic launcher (the jobs one after another in this process), ending like the submitit ones."""
 
     def launch(self, job_overrides, initial_job_idx):
-        returns = super().launch(job_overrides, initial_job_idx)
-        finish_sweep([(f"#{initial_job_idx + i}", ret) for i, ret in enumerate(returns)])
-        return returns
+        jobs, todo = plan_or_exit(self, job_overrides, initial_job_idx)
+        for job in todo:  # one at a time, so that each keeps its number (its run dir) in a rerun
+            [job.ret] = super().launch([job.overrides], job.num)
+        sweeps.finish(jobs, Path(str(self.config.hydra.sweep.dir)))
+        return sweeps.returns(jobs)
