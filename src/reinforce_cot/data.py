@@ -1,31 +1,55 @@
-"""Datasets: synthetic tasks made in code, local JSONL + image folders, and formatting for TRL.
+"""Datasets: one kind of split for every source, and its formatting for TRL.
 
-Every source yields the same raw rows: `question`, `answer` (a string), `reasoning` (a step-by-step
-chain, may be empty), optionally `image` (PIL), and per-row metadata (`difficulty`, counts ...) that
-curriculum sampling and per-difficulty evaluation read. `format_split` then turns raw rows into TRL's
-conversational columns for the chosen algorithm:
+Every loader yields a lazy `datasets.Dataset` with the same columns (the row contract):
+
+- `question` (str; `<image>` markers say where images go), `answer` (str: the gold final answer),
+  `reasoning` (str: a step-by-step chain, may be ""), `id` (str, unique within the split);
+- images, when the data has any: `ds[i]["images"]` is the row's list of PIL images, decoded from the
+  stored bytes or paths only when the row is read and fitted to the model's pixel budget
+  (`images.capped`); storage keeps TRL's `image` (one per row) or `images` (a list) column untouched;
+- optionally `system` and `history` (earlier turns of a conversation), TRL's own `prompt` /
+  `completion` / `chosen` / `rejected` (used as they are), and any other column (`difficulty`,
+  `pass_rate`, ...), which reaches reward functions, samplers and evaluation.
+
+Consumers use `len(ds)`, `ds[i]`, iteration, `ds.select(...)` and `ds.shard(...)` (never `ds[a:b]`,
+which returns columns), and read a column without decoding any image with `ds[name]`.
+
+Sources (conf/data/): the synthetic generators below (`shapes_rows`, `arithmetic_rows`: lists of rows,
+turned into a Dataset by `load_split`), local JSONL files (`jsonl_rows`), and any 🤗 dataset: hub ids,
+hub-layout folders, parquet/arrow/json/csv files, `save_to_disk` folders and weighted mixtures
+(`reinforce_cot.sources`, data=hf). `write_dataset` is the inverse: what the curate and rejection_sample
+stages write, data=hf reads back.
+
+`format_split` turns a split into TRL's conversational columns for the chosen algorithm:
 
 - sft: `prompt` + `completion` (the `<think>reasoning</think><answer>answer</answer>` target)
 - grpo/rloo: `prompt` (+ every other column, which TRL hands to reward functions)
-- preference (dpo): `prompt`, `chosen`, `rejected` (rows must carry the pair; see reinforce_cot.preference)
+- preference (dpo): `prompt`, `chosen`, `rejected`
 
-Images travel as a single-image `image` column, which TRL's SFT, GRPO and RLOO trainers all accept.
+and TRL's `images` column. With images, rows are built when a batch is read (nothing is decoded or
+copied up front); text splits are mapped once and cached by `datasets`' fingerprints.
 
-Try it: `python -c "from reinforce_cot import data; print(data.shapes_rows(2, seed=0)[0])"`.
+Try it: `python -c "from reinforce_cot import data; print(data.from_rows(data.shapes_rows(2, seed=0))[0])"`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
+import re
 from pathlib import Path
 from typing import Any
 
 from reinforce_cot.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 DEFAULT_TEMPLATE = "{question} Think step by step in <think></think>, then answer in <answer></answer>."
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 160, 60)}
 SHAPES = ("square", "circle")
+IMAGE_COLUMNS = ("image", "images")  # TRL's names: one image per row, or a list
+IMAGE_MARKER = "<image>"  # LLaMA-Factory / ShareGPT: where an image goes in the text
 
 
 # --------------------------------------------------------------------------- shapes_count (VLM)
@@ -125,68 +149,197 @@ def arithmetic_rows(n: int, seed: int, max_value: int = 99) -> list[dict[str, An
     return rows
 
 
+# ------------------------------------------------------------------------- rows -> a Dataset
+def from_rows(rows: list[dict]):
+    """Rows made in code (PIL images in `image`/`images`) as a Dataset of the row contract: images are
+    encoded once (PNG) into an `Image` column and decoded again only when a row is read.
+
+    >>> ds = from_rows(arithmetic_rows(2, seed=0))
+    >>> len(ds), ds[1]["question"]
+    (2, 'What is 53 + 5?')
+    """
+    from datasets import Dataset
+
+    if not rows:
+        return Dataset.from_dict({})
+    for i, row in enumerate(rows):
+        row.setdefault("reasoning", "")
+        row.setdefault("id", str(i))
+    return Dataset.from_list(rows)  # `datasets` infers Image() for PIL values
+
+
+def load_split(node, split: str, data_name: str = ""):
+    """A split config node (`_target_` + arguments) instantiated as a Dataset of the row contract; a
+    loader's ConfigError comes out as itself (one line), not wrapped by Hydra."""
+    from datasets import Dataset
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        out = instantiate(node, _convert_="all")
+    except InstantiationException as e:
+        if isinstance(e.__cause__, ConfigError):
+            raise e.__cause__ from None
+        if isinstance(e.__cause__, TypeError) and "unexpected keyword" in str(e.__cause__):
+            raise ConfigError(f"data.{split}: {e.__cause__}; remove that key (data.{split}.<key>)") from None
+        raise
+    if isinstance(out, list):
+        out = from_rows(out)
+    if not isinstance(out, Dataset):
+        raise ConfigError(f"data.{split}._target_={node.get('_target_')} returned {type(out).__name__}, not rows")
+    if len(out) == 0:
+        raise ConfigError(f"data={data_name}: the {split} split is empty; raise data.{split}.n or fix the source")
+    return out
+
+
+def disjoint(train, test):
+    """Test rows whose content (`layout`) also occurs in train dropped, so held-out accuracy is really
+    held out. Works on Datasets (a filter: no image is decoded) and on lists of rows."""
+    seen = set(train["layout"]) if not isinstance(train, list) else {r["layout"] for r in train}
+    if isinstance(test, list):
+        return [r for r in test if r["layout"] not in seen]
+    return test.filter(lambda layouts: [x not in seen for x in layouts], input_columns="layout", batched=True)
+
+
+def has_images(ds) -> bool:
+    return bool(set(IMAGE_COLUMNS) & set(ds.column_names))
+
+
+def column(ds, name: str) -> list | None:
+    """A column's values (None when the split has no such column), read without decoding any image."""
+    return list(ds[name]) if name in ds.column_names else None
+
+
+def title(data_cfg) -> str:
+    """What error messages call the data: the config's name, or for data=hf the dataset's path."""
+    if "mixture" not in data_cfg:
+        return str(data_cfg.name)
+    base = "mixture" if data_cfg.get("mixture") else Path(str(data_cfg.get("path"))).name
+    return f"{base}/{data_cfg.name}" if data_cfg.get("name") else base
+
+
 # ---------------------------------------------------------------------------- local JSONL files
-def jsonl_rows(path: str, image_folder: str | None, fields: dict[str, str]) -> list[dict[str, Any]]:
+def jsonl_rows(
+    path: str, image_folder: str | None, fields: dict[str, str], n: int | None = None, split: str = "train"
+):
     """Rows of a JSONL file in the seeds' format: image (relative to `image_folder`), question, answer,
-    reasoning; any other key (id, difficulty, pass_rate, ...) is kept as a column. A row without a question
-    or answer, or whose image is missing or not an image, stops the load with an error that names the
-    file, the line and the fix."""
+    reasoning; any other key (id, difficulty, pass_rate, ...) is kept as a column; `n` keeps the first n.
+
+    A row without a question or answer, or whose image is missing or not an image, stops the load with
+    an error that names the file, the line and the fix. Images are checked by their header only and
+    stay on disk: they are decoded when a row is read."""
+    from datasets import Image as ImageFeature
     from PIL import Image, UnidentifiedImageError
 
     p = Path(path).expanduser()
     if not p.is_file():
-        raise ConfigError(f"data.path={path}: no such file; point data.path at a .jsonl file")
+        raise ConfigError(f"data.{split}.path={path}: no such file; point data.{split}.path at a .jsonl file")
     rows = []
-    for lineno, line in enumerate(p.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{p}:{lineno}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{where}: not valid JSON ({e.msg}); fix or remove the line") from None
-        row = {k: rec.get(src) for k, src in fields.items()}
-        for key in ("question", "answer"):
-            if row.get(key) in (None, ""):
-                raise ConfigError(f"{where}: no '{fields[key]}' field; every row needs a {key}")
-        row["answer"] = str(row["answer"])
-        if isinstance(row.get("reasoning"), list):  # the seeds also store reasoning as a list of lines
-            row["reasoning"] = "\n".join(row["reasoning"])
-        row["reasoning"] = row.get("reasoning") or ""
-        if row.get("image") is not None:
-            if image_folder is None:
-                raise ConfigError(f"{where}: row has an image but data.image_folder is not set; set it")
-            img_path = Path(image_folder).expanduser() / row["image"]
+    with p.open() as f:
+        for lineno, line in enumerate(f, start=1):
+            if n is not None and len(rows) >= n:
+                break
+            if not line.strip():
+                continue
+            where = f"{p}:{lineno}"
             try:
-                with Image.open(img_path) as im:
-                    row["image"] = im.convert("RGB")
-            except FileNotFoundError:
-                raise ConfigError(
-                    f"{where}: image {img_path} does not exist; fix the path or data.image_folder"
-                ) from None
-            except (UnidentifiedImageError, OSError):
-                raise ConfigError(f"{where}: {img_path} is not an image; replace the file or drop the row") from None
-        else:
-            row.pop("image", None)
-        for key in ("chosen", "rejected"):  # optional preference pair (for algo=dpo)
-            if key in row and row[key] is None:
-                del row[key]
-        for key, value in rec.items():  # other columns (id, difficulty, pass_rate, ...) travel with the row
-            if key not in fields.values():
-                row.setdefault(key, value)
-        row.setdefault("id", f"{p.stem}-{lineno}")
-        rows.append(row)
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{where}: not valid JSON ({e.msg}); fix or remove the line") from None
+            row = {k: rec.get(src) for k, src in fields.items()}
+            for key in ("question", "answer"):
+                if row.get(key) in (None, ""):
+                    raise ConfigError(f"{where}: no '{fields[key]}' field; every row needs a {key}")
+            row["answer"] = str(row["answer"])
+            if isinstance(row.get("reasoning"), list):  # the seeds also store reasoning as a list of lines
+                row["reasoning"] = "\n".join(row["reasoning"])
+            row["reasoning"] = row.get("reasoning") or ""
+            if row.get("image") is not None:
+                if image_folder is None:
+                    raise ConfigError(f"{where}: row has an image but data.image_folder is not set; set it")
+                img_path = Path(image_folder).expanduser() / row["image"]
+                try:
+                    with Image.open(img_path):  # the header only: pixels are decoded when the row is read
+                        pass
+                except FileNotFoundError:
+                    raise ConfigError(
+                        f"{where}: image {img_path} does not exist; fix the path or data.image_folder"
+                    ) from None
+                except (UnidentifiedImageError, OSError):
+                    raise ConfigError(
+                        f"{where}: {img_path} is not an image; replace the file or drop the row"
+                    ) from None
+                row["image"] = str(img_path.resolve())
+            else:
+                row.pop("image", None)
+            for key in ("chosen", "rejected"):  # optional preference pair (for algo=dpo)
+                if key in row and row[key] is None:
+                    del row[key]
+            for key, value in rec.items():  # other columns (id, difficulty, pass_rate, ...) travel with the row
+                if key not in fields.values():
+                    row.setdefault(key, value)
+            row.setdefault("id", f"{p.stem}-{lineno}")
+            rows.append(row)
     if not rows:
-        raise ConfigError(f"data.path={path}: the file holds no rows; add rows or pick another dataset")
-    return rows
+        raise ConfigError(f"data.{split}.path={path}: the file holds no rows; add rows or pick another dataset")
+    from datasets import Dataset
+
+    ds = Dataset.from_list(rows)
+    return ds.cast_column("image", ImageFeature()) if "image" in ds.column_names else ds
 
 
 # --------------------------------------------------------------------------------- formatting
-def prompt_messages(row: dict, template: str, system: str | None, with_image: bool) -> list[dict]:
-    text = template.format(question=row["question"])
-    content: Any = [{"type": "image"}, {"type": "text", "text": text}] if with_image else text
-    messages = [{"role": "system", "content": system}] if system else []
-    return messages + [{"role": "user", "content": content}]
+def _blocks(text: str) -> list[dict]:
+    """Text with `<image>` markers as content blocks, an image placeholder at each marker.
+
+    >>> _blocks("<image>How many? And <image>")
+    [{'type': 'image'}, {'type': 'text', 'text': 'How many? And '}, {'type': 'image'}]
+    """
+    out: list[dict] = []
+    for i, part in enumerate(text.split(IMAGE_MARKER)):
+        if i:
+            out.append({"type": "image"})
+        if part:
+            out.append({"type": "text", "text": part})
+    return out
+
+
+def image_blocks(messages: list[dict], n_images: int) -> list[dict]:
+    """Messages with one image placeholder block per image: at the `<image>` markers when the text has
+    them, else before the first user turn's text (TRL's convention). Text-only messages stay strings."""
+    if not n_images:
+        return messages
+    text = lambda c: c if isinstance(c, str) else ""  # noqa: E731
+    if any(IMAGE_MARKER in text(m.get("content")) for m in messages):
+        return [{**m, "content": _blocks(m["content"])} if isinstance(m.get("content"), str) else m for m in messages]
+    out, placed = [], False
+    for m in messages:
+        c = m.get("content")
+        if isinstance(c, str):
+            c = [{"type": "text", "text": c}]
+            if m["role"] == "user" and not placed:
+                c = [{"type": "image"}] * n_images + c
+                placed = True
+        out.append({**m, "content": c})
+    return out
+
+
+def prompt_messages(
+    row: dict, template: str, system: str | None = None, n_images: int | None = None, own_prompt: bool = True
+) -> list[dict]:
+    """The chat prompt of a row: its own `prompt` (TRL layout) as it is, else the system turn, any earlier
+    turns (`history`) and the question in `template`; with one image block per image (`n_images`,
+    default: the row's `images`). `own_prompt=False` (an answer-only or easy-to-hack template) always
+    builds the prompt from the question."""
+    n = len(row.get("images") or []) if n_images is None else int(n_images)
+    if own_prompt and row.get("prompt") is not None:
+        own = row["prompt"]
+        messages = [{"role": "user", "content": own}] if isinstance(own, str) else list(own)
+    else:
+        sys_text = row.get("system") or system
+        messages = [{"role": "system", "content": sys_text}] if sys_text else []
+        messages += list(row.get("history") or []) + [{"role": "user", "content": template.format(question=row["question"])}]
+    return image_blocks(messages, n)
 
 
 def target(row: dict) -> str:
@@ -194,31 +347,113 @@ def target(row: dict) -> str:
     return f"<think>{row['reasoning']}</think><answer>{row['answer']}</answer>"
 
 
-def format_split(rows: list[dict], data_cfg, algo_kind: str, with_image: bool):
-    """Raw rows -> a `datasets.Dataset` in TRL's conversational format for `algo_kind`."""
-    from datasets import Dataset
-
-    out = []
-    for row in rows:
-        rec = {k: v for k, v in row.items() if k not in ("image", "layout")}
-        rec["prompt"] = prompt_messages(row, data_cfg.prompt_template, data_cfg.system_prompt, with_image)
-        if algo_kind == "sft":
-            rec["completion"] = [{"role": "assistant", "content": target(row)}]
-        if algo_kind == "preference":  # DPO takes only the pair (other columns would be dropped anyway)
-            from reinforce_cot.preference import as_messages
-
-            rec = {
-                "prompt": rec["prompt"],
-                "chosen": as_messages(row["chosen"]),
-                "rejected": as_messages(row["rejected"]),
-            }
-        if with_image:
-            rec["image"] = row["image"]
-        out.append(rec)
-    return Dataset.from_list(out)
+def _as_messages(side) -> list[dict]:
+    """A completion as TRL's conversational form: a list of assistant messages."""
+    return side if isinstance(side, list) else [{"role": "assistant", "content": str(side)}]
 
 
-def disjoint(train: list[dict], test: list[dict]) -> list[dict]:
-    """Drop test rows whose content also occurs in train, so held-out accuracy is really held out."""
-    seen = {r["layout"] for r in train}
-    return [r for r in test if r["layout"] not in seen]
+DROP_FOR_RL = ("layout", "system", "history")  # not reward inputs: formatting only
+
+
+def trl_row(row: dict, template: str, system: str | None, algo_kind: str) -> dict:
+    """One row of the contract as the TRL trainer of `algo_kind` reads it."""
+    prompt = prompt_messages(row, template, system)
+    if algo_kind == "preference":  # DPO takes only the pair (other columns would be dropped anyway)
+        out = {"prompt": prompt, "chosen": _as_messages(row["chosen"]), "rejected": _as_messages(row["rejected"])}
+    elif algo_kind == "sft":
+        own = row.get("completion") if row.get("prompt") is not None else None
+        out = {"prompt": prompt, "completion": _as_messages(own if own is not None else target(row))}
+    else:
+        out = {k: v for k, v in row.items() if k not in DROP_FOR_RL} | {"prompt": prompt}
+    if "images" in row:
+        out["images"] = row["images"]
+    return out
+
+
+def _trl_batch(batch: dict, template: str, system: str | None, algo_kind: str) -> dict:
+    rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+    out = [trl_row(r, template, system, algo_kind) for r in rows]
+    return {k: [r[k] for r in out] for k in out[0]} if out else {}
+
+
+def format_split(ds, data_cfg, algo_kind: str, max_pixels: int | None = None, factor: int = 28):
+    """A split -> the Dataset TRL's trainer for `algo_kind` reads (see the module docstring).
+
+    With images: a view that builds each row when a batch is read (images decoded and fitted to
+    `max_pixels` then); storage is not copied. Text: one `map`, cached by fingerprint."""
+    import functools
+
+    from reinforce_cot import images
+
+    build = functools.partial(
+        _trl_batch, template=data_cfg.prompt_template, system=data_cfg.get("system_prompt"), algo_kind=algo_kind
+    )
+    if has_images(ds):
+        return images.capped(ds, max_pixels, factor, row_fn=build)
+    drop = ds.column_names if algo_kind in ("sft", "preference") else [c for c in DROP_FOR_RL if c in ds.column_names]
+    return ds.map(build, batched=True, remove_columns=drop, desc="prompts")
+
+
+# ------------------------------------------------------------------------------------ writing
+def _readme(configs: dict[str, dict[str, str]]) -> str:
+    """A hub dataset card whose YAML lists each config's splits and files (what `load_dataset` reads)."""
+    lines = ["---", "configs:"]
+    for name, splits in configs.items():
+        lines += [f"- config_name: {name}", "  data_files:"]
+        lines += [f"  - split: {split}\n    path: {file}" for split, file in splits.items()]
+    return "\n".join([*lines, "---", "", "Written by reinforce-cot; load with `data=hf data.path=<this folder>`.", ""])
+
+
+def write_split(path: Path, ds, columns: dict[str, list] | None = None, batch_size: int = 1000) -> int:
+    """`ds` (+ `columns`, one value per row, replacing same-named ones) as one parquet file, images
+    embedded as bytes the way hub parquet stores them, batch by batch (nothing is decoded or held whole);
+    written under a temporary name first, so a file that exists is complete. Returns the row count."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset, Features
+    from datasets.table import embed_table_storage
+
+    columns = columns or {}
+    keep = [c for c in ds.column_names if c not in columns]
+    extra = Dataset.from_dict(columns) if columns else None
+    features = Features({**{c: ds.features[c] for c in keep}, **(extra.features if extra is not None else {})})
+    base = ds.select_columns(keep).with_format("arrow") if keep else None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with pq.ParquetWriter(tmp, features.arrow_schema) as writer:
+        for start in range(0, len(ds), batch_size):
+            stop = min(start + batch_size, len(ds))
+            cols = dict(zip(keep, base[start:stop].columns)) if base is not None else {}
+            if extra is not None:
+                cols |= {c: extra.data.column(c).slice(start, stop - start) for c in extra.column_names}
+            table = pa.table([cols[c] for c in features], schema=features.arrow_schema)
+            writer.write_table(embed_table_storage(table))
+    tmp.replace(path)
+    return len(ds)
+
+
+def write_dataset(folder: Path, configs: dict[str, dict[str, tuple]]) -> Path:
+    """A hub-layout folder (`<config>-<split>.parquet` + a README.md listing them) that
+    `data=hf data.path=<folder> data.name=<config>` loads back: the one writer for the datasets recipe
+    stages make. `configs` maps config -> split -> (Dataset, extra columns | None); a Dataset shared by
+    several configs (a test split) is written once."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files: dict[str, dict[str, str]] = {}
+    written: dict[int, str] = {}
+    for config, splits in configs.items():
+        for split, (ds, columns) in splits.items():
+            key = id(ds) if not columns else None
+            if key is not None and key in written:
+                files.setdefault(config, {})[split] = written[key]
+                continue
+            name = f"{config}-{split}.parquet"
+            write_split(folder / name, ds, columns)
+            files.setdefault(config, {})[split] = name
+            if key is not None:
+                written[key] = name
+    (folder / "README.md").write_text(_readme(files))
+    return folder
+
+
+def safe_name(name: str) -> str:
+    return re.sub(r"[^\w.-]", "_", str(name))
