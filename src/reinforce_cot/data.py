@@ -189,16 +189,32 @@ def load_split(node, split: str, data_name: str = ""):
         raise ConfigError(f"data.{split}._target_={node.get('_target_')} returned {type(out).__name__}, not rows")
     if len(out) == 0:
         raise ConfigError(f"data={data_name}: the {split} split is empty; raise data.{split}.n or fix the source")
-    return out
+    from reinforce_cot import images
+
+    return images.capped(out, None)  # rows show `images` (full size here; a stage's view fits them)
 
 
 def disjoint(train, test):
     """Test rows whose content (`layout`) also occurs in train dropped, so held-out accuracy is really
     held out. Works on Datasets (a filter: no image is decoded) and on lists of rows."""
-    seen = set(train["layout"]) if not isinstance(train, list) else {r["layout"] for r in train}
+    seen = set(column(train, "layout")) if not isinstance(train, list) else {r["layout"] for r in train}
     if isinstance(test, list):
         return [r for r in test if r["layout"] not in seen]
     return test.filter(lambda layouts: [x not in seen for x in layouts], input_columns="layout", batched=True)
+
+
+def head(ds, n: int | None):
+    """The first `n` rows (all for None), as the same kind of split (a Dataset view, or a list)."""
+    if n is None or n >= len(ds):
+        return ds
+    return ds[:n] if isinstance(ds, list) else ds.select(range(n))
+
+
+def text_rows(ds) -> list[dict]:
+    """The rows without their images, as dicts (what scoring and reports read; nothing is decoded)."""
+    if isinstance(ds, list):
+        return [{k: v for k, v in r.items() if k not in IMAGE_COLUMNS} for r in ds]
+    return ds.remove_columns([c for c in IMAGE_COLUMNS if c in ds.column_names]).to_list()
 
 
 def has_images(ds) -> bool:
@@ -206,8 +222,43 @@ def has_images(ds) -> bool:
 
 
 def column(ds, name: str) -> list | None:
-    """A column's values (None when the split has no such column), read without decoding any image."""
-    return list(ds[name]) if name in ds.column_names else None
+    """A column's values (None when the split has no such column), read from the arrow storage: no image
+    is decoded (`ds[name]` on a view would decode every row's images)."""
+    if isinstance(ds, list):  # rows made in code
+        return [r.get(name) for r in ds] if any(name in r for r in ds) else None
+    if name not in ds.column_names:
+        return None
+    return ds.select_columns([name]).with_format("arrow")[:][name].to_pylist()
+
+
+def columns(ds) -> list[str]:
+    """The column names of a split (or of rows made in code)."""
+    return sorted({k for r in ds for k in r}) if isinstance(ds, list) else list(ds.column_names)
+
+
+def settle_modality(cfg, splits: dict) -> dict:
+    """`data.modality` made definite and checked against the model, before any weights load: `auto` is
+    image when the splits have images, else text; `text` on image data leaves the images out."""
+    from omegaconf import open_dict
+
+    d, name = cfg.data, title(cfg.data)
+    found = any(has_images(ds) for ds in splits.values())
+    mode = d.get("modality") or "auto"
+    if mode == "auto":
+        mode = "image" if found else "text"
+        with open_dict(d):
+            d.modality = mode
+    if mode == "text" and found:
+        log.info("data=%s: data.modality=text: the images are left out", name)
+        splits = {k: ds.remove_columns([c for c in IMAGE_COLUMNS if c in ds.column_names]) for k, ds in splits.items()}
+    if mode == "image" and not found:
+        raise ConfigError(f"data={name}: data.modality=image but the rows have no images; set data.modality=text")
+    if mode == "image" and cfg.model.kind != "vlm":
+        raise ConfigError(
+            f"data={name} has images but model={cfg.model.name} is text-only; pick a VLM (model=tiny_vlm), or set "
+            "data.modality=text to train on the text alone"
+        )
+    return splits
 
 
 def title(data_cfg) -> str:
@@ -219,9 +270,7 @@ def title(data_cfg) -> str:
 
 
 # ---------------------------------------------------------------------------- local JSONL files
-def jsonl_rows(
-    path: str, image_folder: str | None, fields: dict[str, str], n: int | None = None, split: str = "train"
-):
+def jsonl_rows(path: str, image_folder: str | None, fields: dict[str, str], n: int | None = None, split: str = "train"):
     """Rows of a JSONL file in the seeds' format: image (relative to `image_folder`), question, answer,
     reasoning; any other key (id, difficulty, pass_rate, ...) is kept as a column; `n` keeps the first n.
 
@@ -338,7 +387,9 @@ def prompt_messages(
     else:
         sys_text = row.get("system") or system
         messages = [{"role": "system", "content": sys_text}] if sys_text else []
-        messages += list(row.get("history") or []) + [{"role": "user", "content": template.format(question=row["question"])}]
+        messages += list(row.get("history") or []) + [
+            {"role": "user", "content": template.format(question=row["question"])}
+        ]
     return image_blocks(messages, n)
 
 
@@ -347,7 +398,7 @@ def target(row: dict) -> str:
     return f"<think>{row['reasoning']}</think><answer>{row['answer']}</answer>"
 
 
-def _as_messages(side) -> list[dict]:
+def as_messages(side) -> list[dict]:
     """A completion as TRL's conversational form: a list of assistant messages."""
     return side if isinstance(side, list) else [{"role": "assistant", "content": str(side)}]
 
@@ -359,10 +410,10 @@ def trl_row(row: dict, template: str, system: str | None, algo_kind: str) -> dic
     """One row of the contract as the TRL trainer of `algo_kind` reads it."""
     prompt = prompt_messages(row, template, system)
     if algo_kind == "preference":  # DPO takes only the pair (other columns would be dropped anyway)
-        out = {"prompt": prompt, "chosen": _as_messages(row["chosen"]), "rejected": _as_messages(row["rejected"])}
+        out = {"prompt": prompt, "chosen": as_messages(row["chosen"]), "rejected": as_messages(row["rejected"])}
     elif algo_kind == "sft":
         own = row.get("completion") if row.get("prompt") is not None else None
-        out = {"prompt": prompt, "completion": _as_messages(own if own is not None else target(row))}
+        out = {"prompt": prompt, "completion": as_messages(own if own is not None else target(row))}
     else:
         out = {k: v for k, v in row.items() if k not in DROP_FOR_RL} | {"prompt": prompt}
     if "images" in row:
@@ -404,55 +455,51 @@ def _readme(configs: dict[str, dict[str, str]]) -> str:
     return "\n".join([*lines, "---", "", "Written by reinforce-cot; load with `data=hf data.path=<this folder>`.", ""])
 
 
-def write_split(path: Path, ds, columns: dict[str, list] | None = None, batch_size: int = 1000) -> int:
+def write_split(path: Path, ds=None, columns: dict[str, list] | None = None, batch_size: int = 1000) -> int:
     """`ds` (+ `columns`, one value per row, replacing same-named ones) as one parquet file, images
-    embedded as bytes the way hub parquet stores them, batch by batch (nothing is decoded or held whole);
-    written under a temporary name first, so a file that exists is complete. Returns the row count."""
+    embedded as bytes the way hub parquet stores them (the stored bytes, not the decoded view), batch by
+    batch; written under a temporary name first, so a file that exists is complete. Returns the rows."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from datasets import Dataset, Features
     from datasets.table import embed_table_storage
 
     columns = columns or {}
-    keep = [c for c in ds.column_names if c not in columns]
+    keep = [c for c in (ds.column_names if ds is not None else []) if c not in columns]
     extra = Dataset.from_dict(columns) if columns else None
+    n = len(ds) if ds is not None else len(extra)
     features = Features({**{c: ds.features[c] for c in keep}, **(extra.features if extra is not None else {})})
     base = ds.select_columns(keep).with_format("arrow") if keep else None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with pq.ParquetWriter(tmp, features.arrow_schema) as writer:
-        for start in range(0, len(ds), batch_size):
-            stop = min(start + batch_size, len(ds))
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
             cols = dict(zip(keep, base[start:stop].columns)) if base is not None else {}
             if extra is not None:
                 cols |= {c: extra.data.column(c).slice(start, stop - start) for c in extra.column_names}
-            table = pa.table([cols[c] for c in features], schema=features.arrow_schema)
-            writer.write_table(embed_table_storage(table))
+            writer.write_table(embed_table_storage(pa.table([cols[c] for c in features], schema=features.arrow_schema)))
     tmp.replace(path)
-    return len(ds)
+    return n
 
 
-def write_dataset(folder: Path, configs: dict[str, dict[str, tuple]]) -> Path:
-    """A hub-layout folder (`<config>-<split>.parquet` + a README.md listing them) that
-    `data=hf data.path=<folder> data.name=<config>` loads back: the one writer for the datasets recipe
-    stages make. `configs` maps config -> split -> (Dataset, extra columns | None); a Dataset shared by
-    several configs (a test split) is written once."""
+def write_dataset(folder: Path, files: dict[str, tuple], configs: dict[str, dict[str, str]]) -> Path:
+    """A hub-layout folder that `data=hf data.path=<folder> data.name=<config>` loads back: one parquet file
+    per entry of `files` (name -> (Dataset or None, extra columns or None), see `write_split`) and a
+    README.md whose `configs:` map each config's splits to those files. The one writer for the datasets
+    recipe stages make (curate, rejection_sample), the inverse of the loader."""
     folder.mkdir(parents=True, exist_ok=True)
-    files: dict[str, dict[str, str]] = {}
-    written: dict[int, str] = {}
-    for config, splits in configs.items():
-        for split, (ds, columns) in splits.items():
-            key = id(ds) if not columns else None
-            if key is not None and key in written:
-                files.setdefault(config, {})[split] = written[key]
-                continue
-            name = f"{config}-{split}.parquet"
-            write_split(folder / name, ds, columns)
-            files.setdefault(config, {})[split] = name
-            if key is not None:
-                written[key] = name
-    (folder / "README.md").write_text(_readme(files))
+    for name, (ds, columns) in files.items():
+        write_split(folder / f"{name}.parquet", ds, columns)
+    configs = {c: {split: f"{name}.parquet" for split, name in splits.items()} for c, splits in configs.items()}
+    (folder / "README.md").write_text(_readme(configs))
     return folder
+
+
+def records_columns(records: list[dict], keys: tuple[str, ...] = ()) -> dict[str, list]:
+    """Records (dicts) as columns, every key any record has (plus `keys`, so an empty split keeps them)."""
+    names = dict.fromkeys([*keys, *(k for r in records for k in r)])
+    return {k: [r.get(k) for r in records] for k in names}
 
 
 def safe_name(name: str) -> str:

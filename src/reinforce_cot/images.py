@@ -38,7 +38,6 @@ def fit(img, max_pixels: int | None, factor: int = 28):
     return img.resize((new_w, new_h), Image.Resampling.BICUBIC)
 
 
-
 def decode_view(batch: dict, max_pixels: int | None, factor: int, row_fn=None) -> dict:
     """The `datasets` transform behind `capped`: it runs on each batch read from the dataset (a trainer's
     batch, a row an evaluator indexes), never on the whole dataset. `datasets` has decoded the image

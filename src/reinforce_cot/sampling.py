@@ -281,17 +281,19 @@ def _column(data_source, name: str) -> list:
 
 
 # ------------------------------------------------------------------------- checks at data load
-def check(cfg, rows: list[dict]) -> None:
-    """Fail at data load when the configured sampler cannot work on these rows."""
+def check(cfg, rows) -> None:
+    """Fail at data load when the configured sampler cannot work on this split (reinforce_cot.data)."""
+    from reinforce_cot import data
+
     s = cfg.get("sampler") or {}
     if not s.get("_target_") or (cfg.algo.kind != "rl"):
         return
     for key in [s.get("column"), s.get("init_column")]:
-        if key and (not rows or any(r.get(key) is None for r in rows)):
-            have = sorted(rows[0]) if rows else []
+        values = data.column(rows, key) if key else None
+        if key and (not values or any(v is None for v in values)):
             raise ConfigError(
-                f"sampler={s.name} reads the '{key}' column, which data={cfg.data.name} lacks"
-                f" (columns: {have}); add it, curate the data (stage kind curate writes difficulty and "
+                f"sampler={s.name} reads the '{key}' column, which data={data.title(cfg.data)} lacks"
+                f" (columns: {data.columns(rows)}); add it, curate the data (stage kind curate writes difficulty and "
                 f"pass_rate), or use sampler=uniform"
             )
     weighted = s.get("prioritize") or s._target_.endswith("PrioritizedSampler")
@@ -301,10 +303,10 @@ def check(cfg, rows: list[dict]) -> None:
             f"reward= lacks (has {list(cfg.reward or {})}); add it or set sampler.success_reward to one of them"
         )
     if weighted:
-        ids = [r.get("id") for r in rows]
+        ids = data.column(rows, "id") or [None]
         if None in ids or len(set(ids)) != len(ids):
             raise ConfigError(
-                f"sampler={s.name} tracks each prompt by its 'id' column, which data={cfg.data.name} lacks or "
+                f"sampler={s.name} tracks each prompt by its 'id' column, which data={data.title(cfg.data)} lacks or "
                 "repeats; give every row a unique id"
             )
 

@@ -23,8 +23,11 @@ from reinforce_cot.rundir import write_json
 log = logging.getLogger(__name__)
 
 
-def build_dataset(cfg, rows: list[dict]):
-    return data_lib.format_split(rows, cfg.data, cfg.algo.kind, with_image=cfg.data.modality == "image")
+def build_dataset(cfg, split):
+    """The train split (reinforce_cot.data's row contract) in the columns TRL's trainer reads; images
+    decoded per batch at model.image_max_pixels."""
+    m = cfg.model
+    return data_lib.format_split(split, cfg.data, cfg.algo.kind, m.get("image_max_pixels"), m.get("image_factor", 28))
 
 
 def last_checkpoint(ckpt_dir: Path) -> str | None:
