@@ -321,9 +321,11 @@ def jsonl_rows(path: str, image_folder: str | None, fields: dict[str, str], n: i
                 row["image"] = str(img_path.resolve())
             else:
                 row.pop("image", None)
-            for key in ("chosen", "rejected"):  # optional preference pair (for algo=dpo)
+            for key in ("chosen", "rejected"):  # optional preference pair (for algo=dpo), as TRL's messages
                 if key in row and row[key] is None:
                     del row[key]
+                elif key in row:
+                    row[key] = as_messages(row[key])
             for key, value in rec.items():  # other columns (id, difficulty, pass_rate, ...) travel with the row
                 if key not in fields.values():
                     row.setdefault(key, value)
@@ -331,10 +333,25 @@ def jsonl_rows(path: str, image_folder: str | None, fields: dict[str, str], n: i
             rows.append(row)
     if not rows:
         raise ConfigError(f"data.{split}.path={path}: the file holds no rows; add rows or pick another dataset")
+    ds = _from_records(rows, f"data.{split}.path={path}")
+    return ds.cast_column("image", ImageFeature()) if "image" in ds.column_names else ds
+
+
+def _from_records(rows: list[dict], where: str):
+    """`Dataset.from_list`, or a one-line error naming the column whose values differ in type across rows."""
+    import pyarrow as pa
     from datasets import Dataset
 
-    ds = Dataset.from_list(rows)
-    return ds.cast_column("image", ImageFeature()) if "image" in ds.column_names else ds
+    try:
+        return Dataset.from_list(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
+        for key in dict.fromkeys(k for r in rows for k in r):
+            kinds = {type(r[key]).__name__ for r in rows if r.get(key) is not None}
+            if len(kinds) > 1 and kinds != {"int", "float"}:
+                raise ConfigError(
+                    f"{where}: column '{key}' holds {' and '.join(sorted(kinds))} values; make it one type"
+                ) from None
+        raise
 
 
 # --------------------------------------------------------------------------------- formatting
@@ -441,8 +458,10 @@ def format_split(ds, data_cfg, algo_kind: str, max_pixels: int | None = None, fa
     )
     if has_images(ds):
         return images.capped(ds, max_pixels, factor, row_fn=build)
-    drop = ds.column_names if algo_kind in ("sft", "preference") else [c for c in DROP_FOR_RL if c in ds.column_names]
-    return ds.map(build, batched=True, remove_columns=drop, desc="prompts")
+    if algo_kind in ("sft", "preference"):  # only what the trainer reads, in TRL's order
+        out = ds.map(build, batched=True, remove_columns=ds.column_names, desc="prompts")
+        return out.select_columns(["prompt", *(c for c in ("completion", "chosen", "rejected") if c in out.column_names)])
+    return ds.map(build, batched=True, remove_columns=[c for c in DROP_FOR_RL if c in ds.column_names], desc="prompts")
 
 
 # ------------------------------------------------------------------------------------ writing

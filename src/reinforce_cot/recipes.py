@@ -181,6 +181,11 @@ def _load_checked(scfg, splits: dict) -> dict:
     return stage_splits(scfg, loaded)
 
 
+def stage_data(scfg) -> dict:
+    """A stage's checked splits, as its trainer, evaluator, curation or rejection sampling reads them."""
+    return _load_checked(scfg, {})
+
+
 def stage_splits(scfg, loaded: dict) -> dict:
     """What a stage's trainer, evaluator, curation or rejection sampling reads: views whose images are
     decoded when a row is read, at this stage's model.image_max_pixels (reinforce_cot.images.capped)."""

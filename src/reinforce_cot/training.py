@@ -56,7 +56,8 @@ def train_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: dict | None
     set_seed(cfg.seed)
     ckpt_dir = run_dir / "ckpt" / sid
     train_ds = build_dataset(cfg, splits["train"])
-    log.info("[%s] dataset: %d rows, columns %s", sid, len(train_ds), train_ds.column_names)
+    columns = list(train_ds[0]) if train_ds.format["type"] == "custom" else train_ds.column_names  # a view: its rows
+    log.info("[%s] dataset: %d rows, columns %s", sid, len(train_ds), columns)
 
     path = models.resolve_path(cfg.model)
     processing_class = models.load_processing_class(path, cfg.model)
