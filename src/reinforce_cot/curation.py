@@ -13,7 +13,7 @@ Kimi k1.5 (sec. 2.3.1) curates its RL prompts for balanced difficulty and accura
 - optionally, prompts outside `keep_pass_rate` are dropped (e.g. [0.1, 0.9]: GRPO learns nothing from
   groups that are all right or all wrong).
 
-Writes run_dir/data/<stage id>/: train.parquet + test.parquet + README.md, a hub-layout dataset (every
+Writes run_dir/data/<stage id>/: default/{train,test}.parquet + README.md, a hub-layout dataset (every
 column kept, the images as the source stored them) that `data=hf data.path=<that folder>` loads;
 report.{json,md} (counts per bucket, how many were dropped and why, pass rate per source difficulty)
 and <split>_samples.jsonl (every sample and answer-only try, with the verdicts). A later stage trains on
@@ -118,7 +118,7 @@ def _curate(cfg, cc, backend, splits: dict, out_dir: Path, sid: str, path: str) 
 
     lo, hi = cc.keep_pass_rate
     report: dict = {"stage": sid, "model": path, "settings": OmegaConf.to_container(cc), "splits": {}}
-    files: dict[str, tuple] = {}
+    files: dict[str, tuple] = {}  # split -> (rows, added columns)
     for split in ("train", "test"):
         rows = splits[split]
         if split not in cc.splits:
@@ -181,7 +181,7 @@ def _curate(cfg, cc, backend, splits: dict, out_dir: Path, sid: str, path: str) 
             report["splits"][split]["per_bucket"],
             dict(dropped) or "none",
         )
-    data.write_dataset(out_dir, files, {"default": {"train": "train", "test": "test"}})
+    data.write_dataset(out_dir, {"default": files})
     return report
 
 

@@ -460,7 +460,9 @@ def format_split(ds, data_cfg, algo_kind: str, max_pixels: int | None = None, fa
         return images.capped(ds, max_pixels, factor, row_fn=build)
     if algo_kind in ("sft", "preference"):  # only what the trainer reads, in TRL's order
         out = ds.map(build, batched=True, remove_columns=ds.column_names, desc="prompts")
-        return out.select_columns(["prompt", *(c for c in ("completion", "chosen", "rejected") if c in out.column_names)])
+        return out.select_columns(
+            ["prompt", *(c for c in ("completion", "chosen", "rejected") if c in out.column_names)]
+        )
     return ds.map(build, batched=True, remove_columns=[c for c in DROP_FOR_RL if c in ds.column_names], desc="prompts")
 
 
@@ -474,44 +476,65 @@ def _readme(configs: dict[str, dict[str, str]]) -> str:
     return "\n".join([*lines, "---", "", "Written by reinforce-cot; load with `data=hf data.path=<this folder>`.", ""])
 
 
-def write_split(path: Path, ds=None, columns: dict[str, list] | None = None, batch_size: int = 1000) -> int:
+def _features(ds, columns: dict | None):
+    """The features `write_split` writes for `ds` + `columns` (same-named columns replaced)."""
+    from datasets import Dataset, Features
+
+    columns = columns or {}
+    keep = {c: ds.features[c] for c in (ds.column_names if ds is not None else []) if c not in columns}
+    return Features({**keep, **(Dataset.from_dict(columns).features if columns else {})})
+
+
+def write_split(path: Path, ds=None, columns: dict[str, list] | None = None, features=None, batch_size: int = 1000):
     """`ds` (+ `columns`, one value per row, replacing same-named ones) as one parquet file, images
-    embedded as bytes the way hub parquet stores them (the stored bytes, not the decoded view), batch by
-    batch; written under a temporary name first, so a file that exists is complete. Returns the rows."""
+    embedded as bytes the way hub parquet stores them (the stored bytes, not a decoded view), batch by
+    batch. `features` (a superset) adds the columns other splits of the config have, empty here. Written
+    under a temporary name first, so a file that exists is complete. Returns the row count."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from datasets import Dataset, Features
+    from datasets import Dataset
     from datasets.table import embed_table_storage
 
     columns = columns or {}
+    features = features or _features(ds, columns)
     keep = [c for c in (ds.column_names if ds is not None else []) if c not in columns]
     extra = Dataset.from_dict(columns) if columns else None
     n = len(ds) if ds is not None else len(extra)
-    features = Features({**{c: ds.features[c] for c in keep}, **(extra.features if extra is not None else {})})
     base = ds.select_columns(keep).with_format("arrow") if keep else None
+    schema = features.arrow_schema
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with pq.ParquetWriter(tmp, features.arrow_schema) as writer:
+    with pq.ParquetWriter(tmp, schema) as writer:
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
             cols = dict(zip(keep, base[start:stop].columns)) if base is not None else {}
             if extra is not None:
                 cols |= {c: extra.data.column(c).slice(start, stop - start) for c in extra.column_names}
-            writer.write_table(embed_table_storage(pa.table([cols[c] for c in features], schema=features.arrow_schema)))
+            arrays = [cols[f.name].cast(f.type) if f.name in cols else pa.nulls(stop - start, f.type) for f in schema]
+            writer.write_table(embed_table_storage(pa.Table.from_arrays(arrays, schema=schema)))
     tmp.replace(path)
     return n
 
 
-def write_dataset(folder: Path, files: dict[str, tuple], configs: dict[str, dict[str, str]]) -> Path:
+def write_dataset(folder: Path, configs: dict[str, dict[str, tuple]]) -> Path:
     """A hub-layout folder that `data=hf data.path=<folder> data.name=<config>` loads back: one parquet file
-    per entry of `files` (name -> (Dataset or None, extra columns or None), see `write_split`) and a
-    README.md whose `configs:` map each config's splits to those files. The one writer for the datasets
-    recipe stages make (curate, rejection_sample), the inverse of the loader."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, (ds, columns) in files.items():
-        write_split(folder / f"{name}.parquet", ds, columns)
-    configs = {c: {split: f"{name}.parquet" for split, name in splits.items()} for c, splits in configs.items()}
-    (folder / "README.md").write_text(_readme(configs))
+    per config and split, `<config>/<split>.parquet`, from `configs[config][split] = (Dataset or None,
+    extra columns or None)` (see `write_split`), and a README.md whose `configs:` list them. The splits of
+    a config share one schema (as the hub requires): a column one split lacks is empty there. The one
+    writer for the datasets recipe stages make (curate, rejection_sample), the inverse of the loader."""
+    from datasets import Features, Value
+
+    files: dict[str, dict[str, str]] = {}
+    for config, splits in configs.items():
+        union: dict = {}
+        for ds, columns in splits.values():
+            for name, feature in _features(ds, columns).items():
+                if name not in union or union[name] == Value("null"):
+                    union[name] = feature
+        for split, (ds, columns) in splits.items():
+            write_split(folder / config / f"{split}.parquet", ds, columns, Features(union))
+            files.setdefault(config, {})[split] = f"{config}/{split}.parquet"
+    (folder / "README.md").write_text(_readme(files))
     return folder
 
 

@@ -5,15 +5,15 @@ long2short): sample `rejection.k` completions per training prompt with the confi
 backend (hf, vllm, or an OpenAI-compatible server), score each with the configured reward functions
 (the `accuracy` one decides correct; `rejection.require_format` also demands the R1 format), then write
 into the run's data folder, run_dir/data/<stage id>/, a hub-layout dataset (data.write_dataset) with two
-configs, `sft` and `dpo`, that share the test split:
+configs, `sft` and `dpo`, each with the stage's test split as its test split:
 
-    sft.parquet   correct chains (`rejection.keep`: all distinct ones, or the shortest per prompt)
-    dpo.parquet   pairs for the same prompt and image (`rejection.dpo_pairs`):
+    sft/train.parquet   correct chains (`rejection.keep`: all distinct ones, or the shortest per prompt)
+    dpo/train.parquet   pairs for the same prompt and image (`rejection.dpo_pairs`):
                     wrong:  chosen = a correct chain, rejected = a wrong one
                     length: chosen = the shortest correct chain, rejected = a correct one at least
                             `rejection.length_ratio` x longer (in tokens): Kimi's long2short pairs
                     both:   each, up to `rejection.max_pairs_per_prompt` of each type
-    test.parquet  the stage's test split, so a stage trained on this folder keeps the same held-out set
+    */test.parquet      the stage's test split, so a stage trained on this folder keeps the same held-out set
     README.md     the configs: `data=hf data.path=<folder> data.name=sft` (or dpo) loads them
     generations.jsonl   every sample as generated (resumable: a killed stage skips prompts done)
     report.json   per-prompt pass rates, counts kept and dropped, lengths, reward means
@@ -166,17 +166,13 @@ def sample(backend, rows, cfg, out_dir: Path, tokenizer=None, test=None) -> dict
         )
 
     images = [c for c in data.IMAGE_COLUMNS if c in rows.column_names]
-    files = {
-        name: (
-            rows.select(sources[name]).select_columns(images) if images else None,
-            data.records_columns(recs, ROW_KEYS),
-        )
-        for name, recs in (("sft", sft), ("dpo", dpo))
-    }
-    if test is not None:
-        files["test"] = (test, None)
-    configs = {name: {"train": name} | ({"test": "test"} if test is not None else {}) for name in ("sft", "dpo")}
-    data.write_dataset(out_dir, files, configs)
+    configs = {}
+    for name, recs in (("sft", sft), ("dpo", dpo)):
+        own = rows.select(sources[name]).select_columns(images) if images else None
+        configs[name] = {"train": (own, data.records_columns(recs, ROW_KEYS))}
+        if test is not None:
+            configs[name]["test"] = (test, None)
+    data.write_dataset(out_dir, configs)
     rep = _report(rows, per_prompt, counts, sft, dpo, lengths, reward_sums, rcfg, gen_s, out_dir)
     write_json(out_dir / "report.json", rep)
     return rep

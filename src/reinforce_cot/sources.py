@@ -34,6 +34,7 @@ Mixtures: `data.mixture=[{path, weight, fields, ...}, ...]`, each source with it
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import logging
@@ -136,6 +137,37 @@ def _offline() -> bool:
     return env or bool(constants.HF_HUB_OFFLINE)
 
 
+@contextlib.contextmanager
+def _no_network():
+    """Offline for `datasets` and `huggingface_hub` even when HF_HUB_OFFLINE was set after they were
+    imported (they read it once, at import)."""
+    import datasets
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+
+def _cache_dir(folder: Path) -> str:
+    """Where `datasets` prepares a local folder: one place per folder and content. `datasets` (5.2) keys a
+    folder with README `configs:` by its name alone, so two run dirs' data/02_curate would share (and
+    silently reuse) one cache entry; this keys it by the absolute path and every file's size and mtime."""
+    import hashlib
+
+    import datasets
+
+    h = hashlib.sha1(str(folder.resolve()).encode())
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and not any(part.startswith(".") for part in f.relative_to(folder).parts):
+            st = f.stat()
+            h.update(f"{f.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return str(Path(datasets.config.HF_DATASETS_CACHE) / "reinforce_cot_folders" / h.hexdigest()[:16])
+
+
 def _looks_local(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~")) or Path(path).suffix in BUILDERS or any(c in path for c in "*?[")
 
@@ -152,7 +184,7 @@ def _open(spec: dict, where: str) -> tuple[dict, Path | None]:
             out = datasets.load_from_disk(str(p))  # what save_to_disk wrote
             return (dict(out) if isinstance(out, datasets.DatasetDict) else {"train": out}), p
         if p.is_dir():
-            return dict(datasets.load_dataset(str(p), num_proc=num_proc, **kwargs)), p
+            return dict(datasets.load_dataset(str(p), num_proc=num_proc, cache_dir=_cache_dir(p), **kwargs)), p
         if p.is_file() or any(c in path for c in "*?["):
             files = sorted(glob.glob(str(p))) if not p.is_file() else [str(p)]
             if not files:
@@ -170,6 +202,12 @@ def _open(spec: dict, where: str) -> tuple[dict, Path | None]:
             raise ConfigError(
                 f"{where}: no config '{found.group(1)}'; set data.name to one of {found.group(2)}"
             ) from None
+        empty = re.search(r'Instruction "(.*?)" corresponds to no data', str(e))
+        if empty:
+            raise ConfigError(
+                f"{where}: the '{empty.group(1)}' split holds no rows (a recipe stage that kept none writes such a "
+                "split: see its report); use other data"
+            ) from None
         raise
 
 
@@ -179,18 +217,23 @@ def _hub(path: str, spec: dict, kwargs: dict, where: str) -> tuple[dict, Path | 
     import datasets
     from huggingface_hub import snapshot_download
 
-    if _offline():
+    offline = _offline()
+    if offline:
         try:
             local = snapshot_download(path, repo_type="dataset", revision=spec.get("revision"), local_files_only=True)
         except Exception:  # not in the snapshot cache: try the datasets cache below
             local = None
         if local:
             log.info("data: %s from the hub cache at %s", path, local)
-            return dict(datasets.load_dataset(local, num_proc=spec.get("num_proc"), **kwargs)), Path(local)
+            out = datasets.load_dataset(
+                local, num_proc=spec.get("num_proc"), cache_dir=_cache_dir(Path(local)), **kwargs
+            )
+            return dict(out), Path(local)
     try:
-        out = datasets.load_dataset(path, revision=spec.get("revision"), num_proc=spec.get("num_proc"), **kwargs)
+        with _no_network() if offline else contextlib.nullcontext():
+            out = datasets.load_dataset(path, revision=spec.get("revision"), num_proc=spec.get("num_proc"), **kwargs)
     except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
-        if _offline():
+        if offline:
             raise ConfigError(
                 f"{where}: not in the local cache, and HF_HUB_OFFLINE=1 allows no download; download it where "
                 f"there is network (hf download {path} --repo-type dataset) or point data.path at a local folder "
@@ -295,6 +338,8 @@ def canonical(ds, fields: dict, where: str, prefix: str, base: Path | None, imag
         if f[key] is None and key != "image" and key in cols:
             f[key] = key
     image_col = f["image"] or next((c for c in ("images", "image") if c in cols), None)
+    if image_col and image_col in (f["question"], f["answer"], f["reasoning"]):
+        raise ConfigError(f"{where}: data.fields.image={image_col} is also a text field; map it to an image column")
     kind = _image_kind(ds.features[image_col]) if image_col else None
     if image_col and kind is None:
         raise ConfigError(
@@ -355,14 +400,15 @@ def canonical(ds, fields: dict, where: str, prefix: str, base: Path | None, imag
 
 
 def _check_images(batch, indices, col, src_col, where):
-    """Each image cell decodable (header only) and as many `<image>` markers as images; else the row."""
+    """Each image cell decodable (header only) and as many `<image>` markers as images; else the row (its id)."""
     from PIL import Image, UnidentifiedImageError
 
     cells = batch[col].to_pylist() if col in batch.column_names else [None] * len(indices)
     questions = batch["question"].to_pylist()
+    ids = batch["id"].to_pylist() if "id" in batch.column_names else indices
     histories = batch["history"].to_pylist() if "history" in batch.column_names else [None] * len(indices)
     counts = []
-    for i, cell, question, history in zip(indices, cells, questions, histories):
+    for i, cell, question, history in zip(ids, cells, questions, histories):
         items = cell if isinstance(cell, list) else ([] if cell is None else [cell])
         for item in items:
             data, path = (item.get("bytes"), item.get("path")) if isinstance(item, dict) else (None, None)
@@ -390,7 +436,7 @@ def check_images(ds, src_col: str, where: str, num_proc=None) -> None:
     col = next((c for c in IMAGE_COLUMNS if c in ds.column_names), None)
     if col is None:
         return
-    cols = [c for c in (col, "question", "history") if c in ds.column_names]
+    cols = [c for c in (col, "question", "history", "id") if c in ds.column_names]
     ds.select_columns(cols).with_format("arrow").map(
         _check_images,
         batched=True,
@@ -479,7 +525,7 @@ def load_split(
     stopping_strategy: str = "first_exhausted",
 ):
     """The `role` (train | test) split of data=hf as the row contract (conf/data/hf.yaml passes every key);
-    `n` keeps the first n rows. Images are checked, not decoded."""
+    `n` keeps the first n rows. Images are checked (headers), not decoded."""
     top = {"path": path, "name": name, "revision": revision, "data_dir": data_dir, "data_files": data_files,
            "fields": fields or {}, "image_folder": image_folder, "train_split": train_split,
            "test_split": test_split, "test_size": test_size, "seed": seed, "num_proc": num_proc}  # fmt: skip
@@ -494,7 +540,9 @@ def load_split(
         ds = ds.select(range(min(int(n), len(ds))))
     check_images(ds, src_col, f"{where} ({role})", num_proc)
     log.info("data: %s %s: %d rows, columns %s", where, role, len(ds), ds.column_names)
-    return ds
+    from reinforce_cot import images
+
+    return images.capped(ds, None)  # rows show the contract's `images` (full size; a stage's view fits them)
 
 
 def _mixture(top: dict, mixture: list, role: str, stopping_strategy: str):
@@ -502,10 +550,9 @@ def _mixture(top: dict, mixture: list, role: str, stopping_strategy: str):
     own fields over data.fields; columns shared by all sources are kept, plus `source`."""
     from datasets import Image, List, interleave_datasets
 
-    parts, weights = [], []
-    for i, src in enumerate(mixture):
-        label = f"data.mixture[{i}]"
-        src = dict(src)
+    specs, weights = [], []
+    for i, src in enumerate(mixture):  # every source checked before any loads
+        label, src = f"data.mixture[{i}]", dict(src)
         unknown = sorted(set(src) - set(SOURCE_KEYS))
         if unknown:
             raise ConfigError(f"{label}: unknown keys {unknown}; a source takes {list(SOURCE_KEYS)}")
@@ -516,9 +563,12 @@ def _mixture(top: dict, mixture: list, role: str, stopping_strategy: str):
             raise ConfigError(f"{label}.weight={weight} must be > 0 (sources are drawn in proportion to their weight)")
         spec = {**top, **{k: v for k, v in src.items() if v is not None}}
         spec["fields"] = {**(top.get("fields") or {}), **(src.get("fields") or {})}
-        ds, _ = _part(spec, role, label)
-        parts.append(ds.add_column("source", [str(src["path"])] * len(ds)))
+        specs.append((label, spec))
         weights.append(float(weight))
+    parts = []
+    for label, spec in specs:
+        ds, _ = _part(spec, role, label)
+        parts.append(ds.add_column("source", [str(spec["path"])] * len(ds)))
     image_cols = {c for ds in parts for c in IMAGE_COLUMNS if c in ds.column_names}
     aligned = []
     for ds in parts:
