@@ -140,6 +140,26 @@ def test_images_are_decoded_only_when_a_row_is_read(tmp_path, monkeypatch):
     assert len(decoded) == 1 and images.capped(jsonl, 4096, 16)[0]["images"][0].size == (64, 48)
 
 
+def test_an_image_that_cannot_be_decoded_names_its_row():
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
+
+    feats = Features({"id": Value("string"), "image": ImageFeature()})
+    cell = {"bytes": b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "path": None}  # a PNG signature, then garbage
+    view = images.capped(Dataset.from_dict({"id": ["r7"], "image": [cell]}, features=feats), 4096, 16)
+    with pytest.raises(ConfigError, match=r"^row r7: column 'image' holds an image that cannot be decoded \("):
+        view[0]
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale(tmp_path):
+    Image.new("RGB", (4000, 3000), (10, 200, 10)).save(tmp_path / "big.jpg", quality=80)
+    img = Image.open(tmp_path / "big.jpg")
+    img.draft("RGB", images.target_size(4000, 3000, 4096, 16))
+    assert img.size == (500, 375)  # what `decode` reads: 1/8 of the pixels per side, not 12 M pixels
+    cell = {"bytes": (tmp_path / "big.jpg").read_bytes(), "path": None}
+    assert images.decode(cell, 4096, 16).size == (64, 48)
+
+
 class Recorder(generation.Backend):
     """A generation backend that records the image sizes it is handed and answers "1"."""
 
@@ -366,8 +386,8 @@ BAD = {
     r"download; download it where there is network \(hf download nobody-here/no-such-dataset --repo-type dataset\)",
     "missing_column": r"data\.fields\.answer=answer_text: no such column \(columns: \['problem', 'solution', 'level'\]\); "
     r"map it with data\.fields\.answer=<column>",
-    "not_an_image": r"d\.parquet \(train\): row d\.parquet-train-1: column 'image' holds 9 bytes, which is not an "
-    r"image; fix or drop the row",
+    "not_an_image": r"d\.parquet \(train\): row d\.parquet-train-1: column 'image' holds b'not a png'\.\.\., which "
+    r"is not an image; fix or drop the row",
     "markers": r"row d\.parquet-train-0: 2 <image> markers but 1 images",
     "split": r"no split 'validation'; the splits are \['train'\]: set data\.test_split \(or carve a test split out "
     r"of train with data\.test_size=0\.05\)",

@@ -478,10 +478,12 @@ def _readme(configs: dict[str, dict[str, str]]) -> str:
 
 def _features(ds, columns: dict | None):
     """The features `write_split` writes for `ds` + `columns` (same-named columns replaced)."""
-    from datasets import Dataset, Features
+    from datasets import Dataset, Features, Image, List
 
     columns = columns or {}
     keep = {c: ds.features[c] for c in (ds.column_names if ds is not None else []) if c not in columns}
+    for c in set(keep) & set(IMAGE_COLUMNS):  # a view stores images undecoded; the file says decode them
+        keep[c] = Image() if c == "image" else List(Image())
     return Features({**keep, **(Dataset.from_dict(columns).features if columns else {})})
 
 

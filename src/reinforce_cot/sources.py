@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import io
 import logging
 import os
 import re
@@ -77,7 +76,7 @@ def final_answer(text) -> str:
 
 
 def chain_of(text) -> str:
-    """The reasoning in a solution: the `<think>` part, else the text before `<answer>` or `####`.
+    r"""The reasoning in a solution: the `<think>` part, else the text before `<answer>` or `####`.
 
     >>> chain_of("Half of 48 is 24.\n#### 24"), chain_of("<think>a</think><answer>b</answer>")
     ('Half of 48 is 24.', 'a')
@@ -399,27 +398,48 @@ def canonical(ds, fields: dict, where: str, prefix: str, base: Path | None, imag
     return out, required
 
 
-def _check_images(batch, indices, col, src_col, where):
-    """Each image cell decodable (header only) and as many `<image>` markers as images; else the row (its id)."""
-    from PIL import Image, UnidentifiedImageError
+def _cells(column) -> list[list[tuple]]:
+    """Per row, (first bytes, path) of each image cell, read from the arrow buffers without copying the
+    images: only the page holding each image's first bytes is touched, so a pass over a large dataset stays
+    light in memory (a memory-mapped file read whole would count in full in the process's RSS)."""
+    import pyarrow as pa
 
-    cells = batch[col].to_pylist() if col in batch.column_names else [None] * len(indices)
+    out = []
+    for chunk in column.chunks:
+        lists = pa.types.is_list(chunk.type) or pa.types.is_large_list(chunk.type)
+        cells = chunk.flatten() if lists else chunk
+        data, paths = cells.field("bytes"), cells.field("path").to_pylist()
+        heads = [data[i].as_buffer()[:16].to_pybytes() if data[i].is_valid else None for i in range(len(cells))]
+        items = list(zip(heads, paths))
+        if lists:
+            offsets = chunk.offsets.to_pylist()
+            out += [items[a - offsets[0] : b - offsets[0]] for a, b in zip(offsets, offsets[1:])]
+        else:
+            out += [[item] if chunk[i].is_valid else [] for i, item in enumerate(items)]
+    return out
+
+
+def _check_images(batch, indices, col, src_col, where):
+    """Each image cell starts like an image (its signature; a file: its first bytes), and as many `<image>`
+    markers as images; else the row (its id). Pixels are not decoded (that happens when a row is read)."""
+    from reinforce_cot.images import looks_like_image
+
+    cells = _cells(batch[col])
     questions = batch["question"].to_pylist()
     ids = batch["id"].to_pylist() if "id" in batch.column_names else indices
     histories = batch["history"].to_pylist() if "history" in batch.column_names else [None] * len(indices)
     counts = []
-    for i, cell, question, history in zip(ids, cells, questions, histories):
-        items = cell if isinstance(cell, list) else ([] if cell is None else [cell])
-        for item in items:
-            data, path = (item.get("bytes"), item.get("path")) if isinstance(item, dict) else (None, None)
-            try:
-                with Image.open(io.BytesIO(data) if data else path):  # the header: no pixels decoded
-                    pass
-            except (UnidentifiedImageError, OSError, TypeError, ValueError, AttributeError):
-                what = f"the file {path}" if path and not data else f"{len(data)} bytes" if data else repr(item)[:80]
+    for i, items, question, history in zip(ids, cells, questions, histories):
+        for head, path in items:
+            if head is None and path and not os.path.isfile(path):
+                raise ConfigError(f"{where}: row {i}: column '{src_col}' names {path}, which does not exist")
+            if head is None and path:
+                with open(path, "rb") as f:
+                    head = f.read(16)
+            if not head or not looks_like_image(head):
                 raise ConfigError(
-                    f"{where}: row {i}: column '{src_col}' holds {what}, which is not an image; fix or drop the row"
-                ) from None
+                    f"{where}: row {i}: column '{src_col}' holds {head!r}..., which is not an image; fix or drop the row"
+                )
         text = (question or "") + "".join(m["content"] or "" for m in history or [])
         markers = text.count(IMAGE_MARKER)
         if markers and markers != len(items):
