@@ -18,7 +18,7 @@ from omegaconf import open_dict
 from PIL import Image
 from safetensors.torch import load_file
 
-from reinforce_cot import curation, data, evaluation, generation, images, recipes, sources, training
+from reinforce_cot import curation, data, evaluation, generation, images, recipes, sampling, sources, training
 from reinforce_cot.errors import ConfigError
 
 QA = {"question": "problem", "answer": "solution"}
@@ -128,8 +128,10 @@ def test_images_are_decoded_only_when_a_row_is_read(tmp_path, monkeypatch):
     path = tmp_path / "big.parquet"
     data.from_rows([{"question": f"Q{i}?", "answer": "1", "image": big} for i in range(50)]).to_parquet(str(path))
     cfg = cfg_for("recipe=single", "data=hf", f"data.path={path}", "data.test_size=10")
-    splits = recipes.stage_data(cfg)
-    assert decoded == []  # loading, mapping, checking and splitting decode nothing
+    splits = recipes.stage_data(cfg)  # also runs the reward and sampler column checks
+    grpo_rows = training.build_dataset(cfg, splits["train"])
+    assert len(sampling._column(grpo_rows, "id")) == 40  # what the curriculum sampler reads from the trainer's data
+    assert decoded == []  # loading, mapping, checking, splitting and column reads decode nothing
     assert splits["train"][3]["images"][0].size == (64, 48)  # read: fitted to 4096 px, sides multiples of 16
     assert decoded == [(300, 200)]  # one row read, one image decoded
     (tmp_path / "img").mkdir()

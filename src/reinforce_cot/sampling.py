@@ -267,13 +267,11 @@ class CurriculumSampler(GroupedSampler):
 
 
 def _column(data_source, name: str) -> list:
-    names = getattr(data_source, "column_names", None)
-    if names is not None:
-        if name not in names:
-            raise ConfigError(f"sampler: the dataset has no '{name}' column (columns: {names})")
-        values = data_source[name]
-    else:
-        values = [row.get(name) for row in data_source]
+    from reinforce_cot import data
+
+    values = data.column(data_source, name)  # from storage: a view's images are not decoded
+    if values is None:
+        raise ConfigError(f"sampler: the dataset has no '{name}' column (columns: {data.columns(data_source)})")
     missing = sum(v is None for v in values)
     if missing:
         raise ConfigError(f"sampler: {missing} rows have no '{name}' value; fill the column or curate the data")
@@ -336,7 +334,7 @@ class SamplerMixin:
             total = math.ceil(a.max_steps * a.gradient_accumulation_steps / per_chunk)
         else:
             total = math.ceil(a.num_train_epochs * (len(dataset) // (a.generation_batch_size // self.num_generations)))
-        ids = dataset["id"] if "id" in dataset.column_names else None
+        ids = _column(dataset, "id") if "id" in dataset.column_names else None  # not dataset["id"]: decodes images
         self._rc_sampler = instantiate(self._rc_sampler_cfg, _convert_="all")(
             dataset,
             mini_repeat_count=self.num_generations,
