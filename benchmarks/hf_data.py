@@ -6,7 +6,7 @@ JSONL case (peak RSS only).
     python benchmarks/hf_data.py make DIR                     # the datasets (~2 min, ~0.5 GB)
     python benchmarks/hf_data.py run DIR --repeats 2          # data=hf, cold and warm cache, 10k..100k rows
     python benchmarks/hf_data.py run DIR --old CHECKOUT --sizes 10000   # today's path (a checkout of main)
-    python benchmarks/hf_data.py big DIR [--old CHECKOUT]     # 32 rows of 8000x8000 PNGs through data=jsonl
+    python benchmarks/hf_data.py big DIR [--old CHECKOUT] [--big-rows 32]   # 8000x8000 PNGs through data=jsonl
 
 Each run is `train.py recipe=single algo=sft` (one SFT step, batch 16) under `nice -n 10`; it is stopped
 once TRL logs step 1. "cold" runs start with an empty `datasets` cache (HF_DATASETS_CACHE); "warm" runs
@@ -258,7 +258,7 @@ def big(out: Path, old: Path | None, limit_gb: float, rows: int = 32, files: int
             img.save(path, compress_level=1)
     lines = [json.dumps({"image": f"{i % files}.png", "question": "How many red squares are there?", "answer": "1",
                          "reasoning": "I count 1."}) for i in range(rows)]  # fmt: skip
-    (folder / "d.jsonl").write_text("\n".join(lines) + "\n")
+    (folder / f"d{rows}.jsonl").write_text("\n".join(lines) + "\n")
     scratch = Path(tempfile.mkdtemp(prefix="hf_bench_big_"))
     results = []
     for label, checkout in [("this checkout", ROOT), *([("old", old)] if old else [])]:
@@ -266,7 +266,7 @@ def big(out: Path, old: Path | None, limit_gb: float, rows: int = 32, files: int
         if checkout != ROOT:
             env["PYTHONPATH"] = str(checkout / "src")
         cmd = [sys.executable, str(checkout / "train.py"), *_base(scratch / "outputs"), "data=jsonl",
-               f"data.train.path={folder / 'd.jsonl'}", f"data.test.path={folder / 'd.jsonl'}",
+               f"data.train.path={folder / f'd{rows}.jsonl'}", f"data.test.path={folder / f'd{rows}.jsonl'}",
                f"data.image_folder={folder / 'images'}", "eval.max_prompts=4"]  # fmt: skip
         r = measure(cmd, env, limit_gb, scratch / f"{label.replace(' ', '_')}.log") | {"path": label, "rows": rows}
         print(json.dumps(r), flush=True)
@@ -285,13 +285,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--old", type=Path, help="a checkout of an older commit: measure its data=jsonl path")
     ap.add_argument("--limit-gb", type=float, default=8.0, help="stop a run whose RSS passes this (shared machine)")
+    ap.add_argument("--big-rows", type=int, default=32, help="big: JSONL rows over the 8 large images")
     a = ap.parse_args()
     if a.what == "make":
         make(a.dir, a.rows, a.jsonl_rows)
     elif a.what == "run":
         run(a.dir, a.sizes, a.repeats, a.old, a.limit_gb)
     else:
-        big(a.dir, a.old, a.limit_gb)
+        big(a.dir, a.old, a.limit_gb, rows=a.big_rows)
 
 
 if __name__ == "__main__":

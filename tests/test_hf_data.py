@@ -432,6 +432,7 @@ def test_a_cached_hub_dataset_loads_offline_without_the_network(tmp_path, monkey
     assert (len(splits["train"]), len(splits["test"])) == (24, 8)
 
 
+@pytest.mark.slow  # ~20 s of subprocess: the in-process test above checks the same errors before any weights
 def test_bad_data_stops_the_cli_before_any_weights(train, tmp_path):
     run = train("recipe=single", *_bad(tmp_path, "missing_column"))
     assert run.returncode == 2, run
