@@ -319,8 +319,14 @@ def test_a_second_load_reuses_the_cached_mapping(tmp_path):
     again = sources.load_split(str(path), **kw)
     assert sorted(f["filename"] for f in again.cache_files) == files  # same fingerprints: nothing recomputed
     assert [Path(f).stat().st_mtime_ns for f in files] == mtimes
-    parallel = sources.load_split(str(path), num_proc=2, **kw)
-    assert data.text_rows(parallel) == data.text_rows(first)
+    parallel = sources.load_split(
+        str(path), num_proc=2, fields=QA
+    )  # other fields: a new fingerprint, mapped in 2 processes
+    maps = [Path(f["filename"]).name for f in parallel.cache_files if Path(f["filename"]).name.startswith("cache-")]
+    assert any("_of_00002" in name for name in maps), maps  # datasets' shards of a 2-process map
+    assert [(r["question"], r["answer"], r["id"]) for r in data.text_rows(parallel)] == [
+        (r["question"], r["answer"], r["id"]) for r in data.text_rows(first)
+    ]
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf" / "data").glob("*.yaml")))
