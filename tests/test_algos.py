@@ -100,7 +100,7 @@ def test_jsonl_pairs_load_and_format(tmp_path):
     )
     preference.check_pairs(rows, "jsonl", "dpo")
     cfg = OmegaConf.create({"prompt_template": "{question}", "system_prompt": None})
-    ds = data.format_split(rows, cfg, "preference", with_image=False)
+    ds = data.format_split(rows, cfg, "preference")
     assert ds.column_names == ["prompt", "chosen", "rejected"]
     assert ds[0]["chosen"] == chosen and ds[0]["rejected"] == [{"role": "assistant", "content": "<answer>5</answer>"}]
     assert ds[1]["prompt"] == [{"role": "user", "content": "What is 1 + 1?"}]

@@ -1,5 +1,5 @@
 """The curate stage: pass rates and difficulty buckets that follow from the recorded samples, the
-easy-to-hack filter, a dataset data=jsonl reads back, and `data_from` wiring into a later stage."""
+easy-to-hack filter, a dataset data=hf reads back, and `data_from` wiring into a later stage."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from reinforce_cot import curation, data, recipes, rewards
+from reinforce_cot import curation, data, recipes, rewards, sources
 from reinforce_cot.errors import ConfigError
 
 
@@ -19,7 +19,7 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_curate_stage_measures_filters_and_writes_a_jsonl_dataset(train, sft_checkpoint):
+def test_curate_stage_measures_filters_and_writes_a_dataset(train, sft_checkpoint):
     run = train(
         "recipe=curate",
         f"model.init_from={sft_checkpoint}",
@@ -33,7 +33,7 @@ def test_curate_stage_measures_filters_and_writes_a_jsonl_dataset(train, sft_che
     report = json.loads((out / "report.json").read_text())
     tr = report["splits"]["train"]
     audit = _lines(out / "train_samples.jsonl")
-    kept = _lines(out / "train.jsonl")
+    kept = data.text_rows(sources.load_split(str(out)))  # as data=hf (a later stage) loads it
     assert tr["n_in"] == len(audit) == 96
     assert tr["n_out"] == len(kept) and tr["n_out"] + sum(tr["dropped"].values()) == tr["n_in"]
 
@@ -49,16 +49,13 @@ def test_curate_stage_measures_filters_and_writes_a_jsonl_dataset(train, sft_che
     for row in kept:
         assert row["pass_rate"] == by_id[row["id"]]["pass_rate"]
         assert row["difficulty"] == curation.bucket(row["pass_rate"], [0.7, 0.3])
-        assert "source_difficulty" in row and (out / "images" / row["image"]).is_file()
+        assert "source_difficulty" in row and "layout" in row  # every source column travels with the row
     assert tr["per_bucket"] == {str(b): sum(r["difficulty"] == b for r in kept) for b in range(3)}
     assert (out / "report.md").read_text().startswith("# Curation 01_curate")
 
-    rows = data.jsonl_rows(
-        str(out / "train.jsonl"), str(out / "images"), {k: k for k in ("image", "question", "answer", "reasoning")}
-    )
-    assert [r["pass_rate"] for r in rows] == [r["pass_rate"] for r in kept]  # extra columns survive the load
-    assert rows[0]["image"].size == (64, 64)
-    test = _lines(out / "test.jsonl")
+    rows = sources.load_split(str(out))
+    assert rows[0]["images"][0].size == (64, 64)  # the prompt's own image
+    test = sources.load_split(str(out), role="test")
     assert report["splits"]["test"] == {"n_in": len(test), "n_out": len(test), "curated": False}
 
 
@@ -82,12 +79,11 @@ def test_kimi_recipe_trains_rl_on_the_curated_data(hydra_ctx, tmp_path):
     stages = recipes.compose_stages(cfg, user, tmp_path)
     rl = next(s for sid, s in stages.items() if sid.endswith("_rl"))
     cur = next(sid for sid in stages if sid.endswith("_curate"))
-    assert rl.data.train.path == str(tmp_path / "data" / cur / "train.jsonl")
-    assert rl.data.test.path == str(tmp_path / "data" / cur / "test.jsonl")
-    assert rl.data.image_folder == str(tmp_path / "data" / cur / "images")
+    assert rl.data.train.path == rl.data.test.path == str(tmp_path / "data" / cur)  # data=hf on what it writes
+    assert rl.data.train._target_ == "reinforce_cot.sources.load_split" and rl.data.name == "default"
     assert rl.data.prompt_template == stages[cur].data.prompt_template  # the prompts curation measured
     assert rl.data.max_completion_length == stages[cur].data.max_completion_length == 40
-    assert rl.stage.data_from == f"{cur}/train"
+    assert rl.stage.data_from == f"{cur}/default"
     assert (rl.sampler.name, rl.sampler.column, rl.sampler.prioritize) == ("curriculum", "pass_rate", True)
     assert list(rl.reward) == ["accuracy", "format", "length"] and rl.reward.length.fn.warmup_steps == 0.5
     assert stages[cur].data.train.n == 50  # the user's data override reaches the stages on the source data

@@ -1,4 +1,5 @@
-"""Synthetic generators are deterministic and correct; JSONL loading names bad rows; TRL formatting."""
+"""Synthetic generators are deterministic and correct; JSONL loading names bad rows and decodes no image;
+TRL formatting of the split contract (prompts, image placeholders, `<image>` markers)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from reinforce_cot import data
+from reinforce_cot import data, images
 from reinforce_cot.errors import ConfigError
 
 
@@ -64,8 +65,10 @@ def test_jsonl_loads_the_seeds_format(tmp_path):
         [{"image": "a.png", "question": "Q?", "answer": 2, "reasoning": ["Step 1", "Step 2"]}],
         images=["a.png"],
     )
-    (row,) = data.jsonl_rows(path, folder, FIELDS)
-    assert row["answer"] == "2" and row["reasoning"] == "Step 1\nStep 2" and row["image"].size == (16, 16)
+    ds = data.jsonl_rows(path, folder, FIELDS)
+    assert ds.features["image"].__class__.__name__ == "Image" and ds.data.column("image")[0]["bytes"].as_py() is None
+    (row,) = images.capped(ds, None)  # the stored path is decoded only here, when the row is read
+    assert row["answer"] == "2" and row["reasoning"] == "Step 1\nStep 2" and row["images"][0].size == (16, 16)
 
 
 @pytest.mark.parametrize(
@@ -84,12 +87,26 @@ def test_jsonl_bad_rows_name_the_line_and_file(tmp_path, rows, needle):
 
 
 def test_format_for_trl():
-    rows = data.shapes_rows(2, seed=0)
+    rows = data.from_rows(data.shapes_rows(2, seed=0))
     cfg = OmegaConf.create({"prompt_template": data.DEFAULT_TEMPLATE, "system_prompt": None})
-    sft = data.format_split(rows, cfg, "sft", with_image=True)
-    rl = data.format_split(rows, cfg, "rl", with_image=True)
+    sft = data.format_split(rows, cfg, "sft", max_pixels=1024, factor=16)
+    rl = data.format_split(rows, cfg, "rl", max_pixels=1024, factor=16)
     assert sft[0]["prompt"][0]["content"][0]["type"] == "image"
-    assert sft[0]["completion"][0]["content"] == data.target(rows[0])
-    assert "completion" not in rl.column_names and {"answer", "difficulty", "image"} <= set(rl.column_names)
-    text = data.format_split(data.arithmetic_rows(1, seed=0), cfg, "rl", with_image=False)
-    assert isinstance(text[0]["prompt"][0]["content"], str)
+    assert sft[0]["completion"][0]["content"] == data.target(sft.with_format(None)[0])
+    assert set(sft[0]) == {"prompt", "completion", "images"} and sft[0]["images"][0].size == (32, 32)  # capped
+    assert "completion" not in rl[0] and {"answer", "difficulty", "images", "id"} <= set(rl[0])
+    text = data.format_split(data.from_rows(data.arithmetic_rows(1, seed=0)), cfg, "rl")
+    assert isinstance(text[0]["prompt"][0]["content"], str) and text.format["type"] is None  # mapped, no view
+
+
+def test_image_markers_place_the_images():
+    row = {"question": "Left: <image> right: <image> Which has more?", "images": [object(), object()]}
+    (msg,) = data.prompt_messages(row, "{question}")
+    assert [b["type"] for b in msg["content"]] == ["text", "image", "text", "image", "text"]
+    row = {"question": "How many?", "images": [object(), object()], "system": "Be brief."}
+    sys_msg, user = data.prompt_messages(row, "{question}")
+    assert sys_msg["content"] == [{"type": "text", "text": "Be brief."}]
+    assert [b["type"] for b in user["content"]] == ["image", "image", "text"]  # no markers: TRL's place, first
+    own = {"prompt": [{"role": "user", "content": "2+2?"}], "question": "2+2?"}
+    assert data.prompt_messages(own, "{question} Think.") == own["prompt"]  # TRL's layout: as it is
+    assert data.prompt_messages(own, "{question} Answer.", own_prompt=False)[0]["content"] == "2+2? Answer."

@@ -185,7 +185,7 @@ class _Tags(HTMLParser):
 
 def test_plots_and_html_are_written_and_show_the_samples(tmp_path):
     images = data.shapes_rows(4, seed=0)
-    rows = [r | {"image": img["image"]} for r, img in zip(ROWS, images)]
+    rows = [r | {"images": [img["image"]]} for r, img in zip(ROWS, images)]  # rows as a split view shows them
     m, records = _score()
     paths = report.plots(m, records, tmp_path)
     assert sorted(Path(p).name for p in paths) == [

@@ -92,7 +92,7 @@ def test_transformers_serve_text_model_matches_local_generation(sft_text_checkpo
         # transformers serve samples only with do_sample in the generation config it is sent
         sample = "+generation.extra_body={generation_config: '{\"do_sample\": true}'}"
         cfg = openai_cfg(port, "model=tiny_lm", "data=arithmetic", "data.test.n=24", sample)
-        rows = recipes.load_splits(cfg.data)["test"][:4]  # the stock server answers one request at a time
+        rows = recipes.stage_data(cfg)["test"].select(range(4))  # the stock server answers one request at a time
         remote = generation.load(cfg, str(sft_text_checkpoint), cache_dir=tmp_path)
         greedy = remote.generate_to_jsonl(rows, tmp_path / "greedy.jsonl", n=1, temperature=0.0)
         local = generation.load(cfg_for("model=tiny_lm", "data=arithmetic"), str(sft_text_checkpoint))
@@ -109,7 +109,7 @@ def test_vlm_server_matches_local_generation(sft_checkpoint, tmp_path):
     server = chat_server(sft_checkpoint, port, tmp_path / "server.log")
     try:
         cfg = openai_cfg(port, "data.test.n=24")
-        rows = recipes.load_splits(cfg.data)["test"][:8]
+        rows = recipes.stage_data(cfg)["test"].select(range(8))
         remote = generation.load(cfg, str(sft_checkpoint))
         out = tmp_path / "g.jsonl"
         greedy = remote.generate_to_jsonl(rows, out, n=1, temperature=0.0)
@@ -118,8 +118,8 @@ def test_vlm_server_matches_local_generation(sft_checkpoint, tmp_path):
         sys.path.insert(0, str(SERVER.parent))
         from chat_server import decode_image
 
-        sent = decode_image(generation.image_data_url(rows[0]["image"]))
-        assert sent.tobytes() == rows[0]["image"].tobytes()  # the data URL carries the exact pixels
+        sent = decode_image(generation.image_data_url(rows[0]["images"][0]))
+        assert sent.tobytes() == rows[0]["images"][0].tobytes()  # the data URL carries the exact pixels
         lines = [json.loads(x) for x in out.read_text().splitlines()]
         assert len(lines) == 8 and {x["status"] for x in lines} == {"ok"}
         assert all(x["finish_reasons"][0] in ("stop", "length") for x in lines)
@@ -132,7 +132,7 @@ def test_vlm_server_matches_local_generation(sft_checkpoint, tmp_path):
 def test_server_down_at_start_is_one_clear_error(random_vlm, tmp_path):
     port = free_port()  # nothing listens there
     cfg = openai_cfg(port, "data.test.n=8")
-    rows = recipes.load_splits(cfg.data)["test"][:4]
+    rows = recipes.stage_data(cfg)["test"].select(range(4))
     backend = generation.load(cfg, str(random_vlm))
     t0 = time.time()
     with pytest.raises(GenerationError) as e:
@@ -146,7 +146,7 @@ def test_server_down_at_start_is_one_clear_error(random_vlm, tmp_path):
 def test_server_dying_midway_then_restart_resumes(random_vlm, tmp_path):
     port = free_port()
     cfg = openai_cfg(port, "data.test.n=24", "generation.max_concurrency=2", SHORT)
-    rows = recipes.load_splits(cfg.data)["test"][:12]
+    rows = recipes.stage_data(cfg)["test"].select(range(12))
     out = tmp_path / "g.jsonl"
     first = chat_server(random_vlm, port, tmp_path / "first.log", "--exit-after", "5")
     try:
@@ -176,7 +176,7 @@ def test_server_dying_midway_then_restart_resumes(random_vlm, tmp_path):
 def test_malformed_responses_mark_rows_failed(random_vlm, tmp_path):
     port = free_port()
     cfg = openai_cfg(port, "data.test.n=24", "generation.max_concurrency=1", SHORT)
-    rows = recipes.load_splits(cfg.data)["test"][:9]
+    rows = recipes.stage_data(cfg)["test"].select(range(9))
     out = tmp_path / "g.jsonl"
     server = chat_server(random_vlm, port, tmp_path / "server.log", "--malformed-every", "3")
     try:

@@ -9,11 +9,15 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from reinforce_cot import rewards
+from reinforce_cot import data, rewards, sources
 
 
 def _lines(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _written(folder, config):  # as the later stages load it: data=hf on the folder
+    return data.text_rows(sources.load_split(str(folder), name=config))
 
 
 @pytest.mark.slow
@@ -37,7 +41,7 @@ def test_kimi_recipe_end_to_end(train, sft_checkpoint):
 
     # RL trained on the curated prompts, with the configured sampler and the length reward after warm-up
     rl_cfg = (d / "backup" / "stages" / "03_rl.yaml").read_text()
-    assert str(d / "data" / "02_curate" / "train.jsonl") in rl_cfg
+    assert f"path: {d / 'data' / '02_curate'}\n" in rl_cfg
     history = run.result("03_rl.json")["log_history"]
     steps = {h["step"]: h for h in history if "rewards/length/mean" in h}
     assert sorted(steps) == [1, 2, 3, 4]
@@ -49,8 +53,8 @@ def test_kimi_recipe_end_to_end(train, sft_checkpoint):
     # long2short data: SFT rows are each prompt's shortest correct chain; DPO chosen is that chain too
     out = d / "data" / "04_shortest"
     gens = {g["id"]: g["completions"] for g in _lines(out / "generations.jsonl")}
-    tok_len = {r["completion"]: r["length"] for r in _lines(out / "sft.jsonl")}
-    sft_rows = _lines(out / "sft.jsonl")
+    sft_rows = _written(out, "sft")
+    tok_len = {r["completion"]: r["length"] for r in sft_rows}
     assert sft_rows
     for row in sft_rows:
         samples = gens[row["source_id"]]
@@ -59,7 +63,7 @@ def test_kimi_recipe_end_to_end(train, sft_checkpoint):
         assert len({r["source_id"] for r in sft_rows if r["source_id"] == row["source_id"]}) == 1  # one per prompt
         assert len(row["completion"]) <= min(map(len, correct)) + 8  # shortest in tokens ~ shortest in characters
     shortest = {r["source_id"]: r["completion"] for r in sft_rows}
-    pairs = _lines(out / "dpo.jsonl")
+    pairs = _written(out, "dpo")
     assert pairs
     for p in pairs:
         assert p["chosen"] == shortest[p["source_id"]]

@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 from safetensors.torch import load_file
 
-from reinforce_cot import data, generation, preference, recipes, rejection, rewards
+from reinforce_cot import data, generation, preference, recipes, rejection, rewards, sources
 from reinforce_cot.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,23 +51,29 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
+def _written(folder: Path, config: str) -> list[dict]:
+    """What the stage wrote, loaded the way a later stage loads it (data=hf on the folder)."""
+    return data.text_rows(sources.load_split(str(folder), name=config))
+
+
 def test_sample_writes_verified_sft_and_dpo_data(sft_checkpoint, tmp_path):
     cfg = cfg_for("reward=r1", "rejection.k=4", "data.train.n=24", "data.test.n=8")
-    rows = recipes.load_splits(cfg.data)["train"]
+    splits = recipes.stage_data(cfg)
+    rows = splits["train"]
     backend = generation.load(cfg, str(sft_checkpoint))
     out = tmp_path / "all"
-    rep = rejection.sample(backend, rows, cfg, out, tokenizer=backend.tokenizer)
+    rep = rejection.sample(backend, rows, cfg, out, tokenizer=backend.tokenizer, test=splits["test"])
 
     gens = {r["id"]: r["completions"] for r in _lines(out / "generations.jsonl")}
-    by_id = {r["id"]: r for r in rows}
+    by_id = {r["id"]: r for r in data.text_rows(rows)}
     assert len(gens) == 24 and all(len(c) == 4 for c in gens.values())
     # the report agrees with re-scoring every sample
     right = {i: rewards.accuracy_reward(c, answer=[by_id[i]["answer"]] * 4) for i, c in gens.items()}
-    assert [p["correct"] for p in rep["per_prompt"]] == [int(sum(right[r["id"]])) for r in rows]
+    assert [p["correct"] for p in rep["per_prompt"]] == [int(sum(right[i])) for i in by_id]
     assert rep["samples"] == 96 and rep["correct_samples"] == sum(sum(v) for v in right.values()) > 0
     assert rep["sft"]["prompts_dropped_no_correct_chain"] == sum(sum(v) == 0 for v in right.values())
 
-    sft = _lines(out / "sft.jsonl")
+    sft = _written(out, "sft")
     distinct = sum(len({t for t, ok in zip(gens[i], right[i]) if ok}) for i in gens)
     assert len(sft) == rep["sft"]["rows"] == distinct  # keep=all: every distinct correct chain
     for rec in sft:
@@ -75,7 +81,7 @@ def test_sample_writes_verified_sft_and_dpo_data(sft_checkpoint, tmp_path):
         assert rec["completion"] in gens[src["id"]]
         assert rewards.accuracy_reward([data.target(rec)], answer=[src["answer"]]) == [1.0]
 
-    dpo = _lines(out / "dpo.jsonl")
+    dpo = _written(out, "dpo")
     assert dpo and len(dpo) == rep["dpo"]["rows"]
     for rec in dpo:
         src = by_id[rec["source_id"]]
@@ -83,13 +89,12 @@ def test_sample_writes_verified_sft_and_dpo_data(sft_checkpoint, tmp_path):
         assert rewards.accuracy_reward([rec["chosen"], rec["rejected"]], answer=[src["answer"]] * 2) == [1.0, 0.0]
         assert rec["question"] == src["question"] and rec["pair_type"] == "wrong"
 
-    # readable by data=jsonl, with the prompt's own image
-    jsonl = OmegaConf.load(ROOT / "conf" / "data" / "jsonl.yaml")
-    fields = OmegaConf.to_container(jsonl.fields)
-    loaded = data.jsonl_rows(str(out / "dpo.jsonl"), str(out / "images"), fields)
-    preference.check_pairs(loaded, "jsonl", "dpo")
-    assert loaded[0]["image"].tobytes() == by_id[dpo[0]["source_id"]]["image"].tobytes()
-    assert len(data.jsonl_rows(str(out / "sft.jsonl"), str(out / "images"), fields)) == len(sft)
+    # data=hf loads it back: pairs a DPO stage accepts, each with its prompt's own image, and the test split
+    loaded = sources.load_split(str(out), name="dpo")
+    preference.check_pairs(loaded, "hf", "dpo")
+    source_row = list(by_id).index(dpo[0]["source_id"])
+    assert loaded[0]["images"][0].tobytes() == rows[source_row]["images"][0].tobytes()
+    assert len(sources.load_split(str(out), name="sft", role="test")) == len(splits["test"])
 
     # keep=shortest + long2short pairs from the same samples (the copied generations are reused, not redone)
     short = tmp_path / "short"
@@ -99,13 +104,13 @@ def test_sample_writes_verified_sft_and_dpo_data(sft_checkpoint, tmp_path):
         cfg.rejection.keep, cfg.rejection.dpo_pairs, cfg.rejection.length_ratio = "shortest", "length", 1.0
     rep2 = rejection.sample(backend, rows, cfg, short, tokenizer=backend.tokenizer)
     assert _lines(short / "generations.jsonl") == _lines(out / "generations.jsonl")
-    kept = _lines(short / "sft.jsonl")
+    kept = _written(short, "sft")
     assert len(kept) == rep["prompts_with_a_correct_chain"] == len({r["source_id"] for r in kept})
     tok = lambda t: len(backend.tokenizer(t, add_special_tokens=False)["input_ids"])  # noqa: E731
     for rec in kept:
         i = rec["source_id"]
         assert tok(rec["completion"]) == min(tok(t) for t, ok in zip(gens[i], right[i]) if ok)
-    for rec in _lines(short / "dpo.jsonl"):
+    for rec in _written(short, "dpo"):
         assert rec["pair_type"] == "length" and tok(rec["rejected"]) >= tok(rec["chosen"])
         assert rewards.accuracy_reward([rec["rejected"]], answer=[by_id[rec["source_id"]]["answer"]]) == [1.0]
     assert rep2["sft"]["dropped_not_shortest"] == distinct - len(kept)
@@ -118,22 +123,21 @@ def test_data_from_points_a_stage_at_an_earlier_stages_data(hydra_ctx, tmp_path)
     cold, rs, sft, dpo = (stages[s] for s in ["01_cold_start", "02_rs", "03_sft", "04_dpo"])
     assert cold.data.train.n == rs.data.train.n == 100  # your data overrides reach the stages on your data
     assert rs.stage.kind == "rejection_sample" and rs.model.init_from == str(tmp_path / "ckpt" / "01_cold_start")
-    folder = tmp_path / "data" / "02_rs"
-    assert (sft.data.name, sft.algo.name, sft.stage.data_from) == ("jsonl", "sft", "02_rs/sft")
-    assert sft.data.train.path == str(folder / "sft.jsonl") and sft.data.test.path == str(folder / "test.jsonl")
-    assert sft.data.train.image_folder == str(folder / "images")
-    assert (dpo.algo.name, dpo.data.train.path) == ("dpo", str(folder / "dpo.jsonl"))
+    folder = str(tmp_path / "data" / "02_rs")
+    assert (sft.data.name, sft.algo.name, sft.stage.data_from) == ("sft", "sft", "02_rs/sft")
+    assert sft.data.train._target_ == "reinforce_cot.sources.load_split"  # data=hf on the folder it writes
+    assert sft.data.train.path == sft.data.test.path == folder and sft.data.train.name == "sft"
+    assert (dpo.algo.name, dpo.data.train.path, dpo.data.train.name) == ("dpo", folder, "dpo")
     assert dpo.model.init_from == str(tmp_path / "ckpt" / "03_sft")
     for key in recipes.DATA_FROM_KEYS:  # the prompts the samples were drawn with
         assert sft.data[key] == rs.data[key], key
     assert list(stages["05_evaluate"].stage.targets) == ["01_cold_start", "03_sft", "04_dpo"]
 
 
-def test_data_from_drops_loader_args_of_the_source_data(hydra_ctx, tmp_path):
-    user = ["recipe=unified_reward_think", "debug=smoke"]  # smoke sets data.train.n, which jsonl_rows does not take
+def test_debug_smoke_reaches_the_stages_on_written_data(hydra_ctx, tmp_path):
+    user = ["recipe=unified_reward_think", "debug=smoke"]  # smoke sets data.train.n: every loader takes it
     stages = recipes.compose_stages(compose(config_name="train", overrides=user), user, tmp_path)
-    assert stages["02_rs"].data.train.n == 96
-    assert set(stages["03_sft"].data.train) == {"_target_", "path", "image_folder", "fields"}
+    assert stages["02_rs"].data.train.n == stages["03_sft"].data.train.n == 96
 
 
 def test_data_from_a_later_stage_is_refused(hydra_ctx, tmp_path):
@@ -190,13 +194,13 @@ def test_unified_reward_think_end_to_end(train):
     assert (rs["prompts"], rs["samples"]) == (96, 384)
     assert rs["correct_samples"] > 0 and rs["sft"]["rows"] > 0 and rs["dpo"]["rows"] > 0
     data_dir = run.dir / "data" / "02_rs"
-    assert len((data_dir / "sft.jsonl").read_text().splitlines()) == rs["sft"]["rows"]
-    assert len((data_dir / "test.jsonl").read_text().splitlines()) == rs["test_rows"] > 40  # 48 minus train repeats
+    assert len(sources.load_split(str(data_dir), name="sft")) == rs["sft"]["rows"]
+    assert len(sources.load_split(str(data_dir), name="dpo", role="test")) == rs["test_rows"] > 40  # 48 minus repeats
 
     sft = run.result("03_sft.json")  # trained on the correct chains: 1 epoch in batches of 32
     assert sft["global_step"] == math.ceil(rs["sft"]["rows"] / 32)
     stage = OmegaConf.load(run.dir / "backup" / "stages" / "03_sft.yaml")
-    assert stage.data.train.path == str(data_dir / "sft.jsonl")
+    assert (stage.data.train.path, stage.data.train.name) == (str(data_dir), "sft")
     dpo = run.result("04_dpo.json")  # DPO on the pairs, from the SFT model
     assert dpo["global_step"] == math.ceil(rs["dpo"]["rows"] / 16) and "train_loss" in dpo["train_metrics"]
     a = load_file(run.dir / "ckpt" / "03_sft" / "final" / "model.safetensors")

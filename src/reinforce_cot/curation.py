@@ -13,10 +13,12 @@ Kimi k1.5 (sec. 2.3.1) curates its RL prompts for balanced difficulty and accura
 - optionally, prompts outside `keep_pass_rate` are dropped (e.g. [0.1, 0.9]: GRPO learns nothing from
   groups that are all right or all wrong).
 
-Writes run_dir/data/<stage id>/{train,test}.jsonl + images/ (readable by data=jsonl, every column
-kept), report.{json,md} (counts per bucket, how many were dropped and why, pass rate per source
-difficulty) and <split>_samples.jsonl (every sample and answer-only try, with the verdicts). A later stage trains on it with `data_from: <this stage>`. Generation goes through the
-`generation` backend (hf on CPU; any backend with `.generate(rows, n, temperature, template)`).
+Writes run_dir/data/<stage id>/: default/{train,test}.parquet + README.md, a hub-layout dataset (every
+column kept, the images as the source stored them) that `data=hf data.path=<that folder>` loads;
+report.{json,md} (counts per bucket, how many were dropped and why, pass rate per source difficulty)
+and <split>_samples.jsonl (every sample and answer-only try, with the verdicts). A later stage trains on
+it with `data_from: <this stage>`. Generation goes through the `generation` backend (hf on CPU; any
+backend with `.generate(rows, n, temperature, template)`).
 
     python train.py recipe=kimi                               # sft -> curate -> grpo -> ...
     python train.py recipe=kimi curate.k=16 curate.keep_pass_rate=[0.1,0.9]
@@ -30,7 +32,7 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from reinforce_cot import rewards
+from reinforce_cot import data, rewards
 from reinforce_cot.rundir import write_json
 
 log = logging.getLogger(__name__)
@@ -89,26 +91,6 @@ def measure(backend, rows: list[dict], cc, out_dir: Path, split: str) -> list[di
     return out
 
 
-def _jsonable(v):
-    try:
-        json.dumps(v)
-        return True
-    except TypeError:
-        return False
-
-
-def write_rows(rows: list[dict], path: Path, images: Path, split: str) -> None:
-    """JSONL in data=jsonl's format: images saved as PNG beside it, named by split and position."""
-    with path.open("w") as f:
-        for i, row in enumerate(rows):
-            rec = {k: v for k, v in row.items() if k != "image" and _jsonable(v)}
-            if row.get("image") is not None:
-                name = f"{split}_{i:06d}.png"
-                row["image"].save(images / name)
-                rec["image"] = name
-            f.write(json.dumps(rec) + "\n")
-
-
 def curate_stage(cfg, run_dir: Path, sid: str, splits: dict, results: dict | None = None) -> dict:
     """Measure, filter and write the curated dataset; returns (and writes) the report."""
     import torch
@@ -120,7 +102,7 @@ def curate_stage(cfg, run_dir: Path, sid: str, splits: dict, results: dict | Non
     torch.manual_seed(cfg.seed)
     path = models.resolve_path(cfg.model)
     out_dir = run_dir / "data" / sid
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     with generation.load(cfg, path, cache_dir=out_dir) as backend:
         report = _curate(cfg, cc, backend, splits, out_dir, sid, path)
     report["wall_seconds"] = round(time.time() - t0, 1)
@@ -136,18 +118,19 @@ def _curate(cfg, cc, backend, splits: dict, out_dir: Path, sid: str, path: str) 
 
     lo, hi = cc.keep_pass_rate
     report: dict = {"stage": sid, "model": path, "settings": OmegaConf.to_container(cc), "splits": {}}
+    files: dict[str, tuple] = {}  # split -> (rows, added columns)
     for split in ("train", "test"):
         rows = splits[split]
         if split not in cc.splits:
-            write_rows(rows, out_dir / f"{split}.jsonl", out_dir / "images", split)
+            files[split] = (rows, None)
             report["splits"][split] = {"n_in": len(rows), "n_out": len(rows), "curated": False}
             continue
-        rows = rows[: cc.max_prompts] if cc.get("max_prompts") else rows
+        rows = data.head(rows, cc.get("max_prompts"))
         measured = measure(backend, rows, cc, out_dir, split)
-        kept, dropped, examples = [], Counter(), defaultdict(list)
+        kept, added, dropped, examples = [], defaultdict(list), Counter(), defaultdict(list)
         by_source = defaultdict(list)
         audit = (out_dir / f"{split}_samples.jsonl").open("w")  # every sample, to check the numbers by hand
-        for row, m in zip(rows, measured):
+        for i, (row, m) in enumerate(zip(data.text_rows(rows), measured)):
             by_source[str(row.get("difficulty"))].append(m["pass_rate"])
             reason = None
             if not m["samples"]:
@@ -166,16 +149,15 @@ def _curate(cfg, cc, backend, splits: dict, out_dir: Path, sid: str, path: str) 
                         | {"direct_example": m["direct"][0] if m["direct"] else ""}
                     )
                 continue
-            new = dict(row)
+            kept.append(i)
             if "difficulty" in row:
-                new["source_difficulty"] = row["difficulty"]
-            new["pass_rate"] = m["pass_rate"]
-            new["difficulty"] = bucket(m["pass_rate"], list(cc.buckets))
-            new["hack_correct"] = m["hack_correct"]
-            kept.append(new)
+                added["source_difficulty"].append(row["difficulty"])
+            added["pass_rate"].append(m["pass_rate"])
+            added["difficulty"].append(bucket(m["pass_rate"], list(cc.buckets)))
+            added["hack_correct"].append(m["hack_correct"])
         audit.close()
-        write_rows(kept, out_dir / f"{split}.jsonl", out_dir / "images", split)
-        counts = Counter(r["difficulty"] for r in kept)
+        files[split] = (rows.select(kept), dict(added) or {k: [] for k in ("pass_rate", "difficulty", "hack_correct")})
+        counts = Counter(added["difficulty"])
         report["splits"][split] = {
             "n_in": len(rows),
             "n_out": len(kept),
@@ -199,6 +181,7 @@ def _curate(cfg, cc, backend, splits: dict, out_dir: Path, sid: str, path: str) 
             report["splits"][split]["per_bucket"],
             dict(dropped) or "none",
         )
+    data.write_dataset(out_dir, {"default": files})
     return report
 
 

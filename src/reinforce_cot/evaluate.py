@@ -26,11 +26,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from reinforce_cot import evaluation, generation, models, report, rundir
+from reinforce_cot import data, evaluation, generation, models, report, rundir
 from reinforce_cot.errors import ConfigError
 from reinforce_cot.main import CONF_DIR, _route_library_logs
 from reinforce_cot.overrides import keys
-from reinforce_cot.recipes import format_table, instantiate_rows
+from reinforce_cot.recipes import format_table, instantiate_rows, stage_splits
 
 log = logging.getLogger("reinforce_cot")
 
@@ -80,13 +80,14 @@ def plan(cfg: DictConfig, ckpt: str, user_groups: set[str], own_result: Path) ->
         out, name = run_dir / "result", f"{run_dir.name}/{stage}"
     else:
         out, name = own_result, stage
-    rows = instantiate_rows(ecfg.data.test)
+    rows = instantiate_rows(ecfg.data.test, "test", data.title(ecfg.data))
+    rows = stage_splits(ecfg, data.settle_modality(ecfg, {"test": rows}))["test"]  # images at the model's cap
     evaluation.check_rows(rows, ecfg.data)
     return {
         "path": str(path),
         "cfg": ecfg,
         "out": out,
-        "label": f"{stage}_{ecfg.data.name}",
+        "label": f"{stage}_{data.safe_name(data.title(ecfg.data))}",
         "name": name,
         "rows": rows,
     }
@@ -103,7 +104,7 @@ def run(cfg: DictConfig, out_root: Path, overrides: list[str]) -> list[dict]:
     rundir.write_provenance(out_root, cfg, overrides, {})
     rows = []
     for pl in plans:
-        log.info("evaluating %s on data=%s (%d test rows)", pl["path"], pl["cfg"].data.name, len(pl["rows"]))
+        log.info("evaluating %s on data=%s (%d test rows)", pl["path"], data.title(pl["cfg"].data), len(pl["rows"]))
         with generation.load(pl["cfg"], pl["path"], cache_dir=pl["out"] / f"eval_{pl['label']}") as backend:
             metrics = evaluation.evaluate_backend(backend, pl["rows"], pl["cfg"], pl["out"], pl["label"])
         log.info("wrote %s", pl["out"] / f"eval_{pl['label']}.json")

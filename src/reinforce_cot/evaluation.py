@@ -37,7 +37,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from reinforce_cot import reasoning, rewards
+from reinforce_cot import data, reasoning, rewards
 from reinforce_cot.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -95,18 +95,18 @@ def validate(cfg) -> None:
         raise ConfigError(f"eval.max_prompts={cfg.eval.max_prompts} must be >= 1")
 
 
-def check_rows(rows: list[dict], data_cfg) -> None:
-    if not rows:
-        raise ConfigError(f"data={data_cfg.name}: the test split is empty; raise data.test.n or fix the source")
-    missing = [r.get("id", i) for i, r in enumerate(rows) if r.get("answer") in (None, "")]
+def check_rows(rows, data_cfg) -> None:
+    """A test split evaluation can score: not empty, a gold answer in every row."""
+    name = data.title(data_cfg)
+    if not len(rows):
+        raise ConfigError(f"data={name}: the test split is empty; raise data.test.n or fix the source")
+    answers = data.column(rows, "answer") or [None] * len(rows)
+    ids = data.column(rows, "id") or list(range(len(rows)))
+    missing = [i for i, a in zip(ids, answers) if a in (None, "")]
     if missing:
         raise ConfigError(
-            f"data={data_cfg.name}: {len(missing)} test rows have no answer column (first: {missing[0]}); "
+            f"data={name}: {len(missing)} test rows have no answer column (first: {missing[0]}); "
             "evaluation needs a gold `answer` per row (map it with data.fields.answer=<column>)"
-        )
-    if data_cfg.modality == "image" and any(r.get("image") is None for r in rows):
-        raise ConfigError(
-            f"data={data_cfg.name}: modality is image but some rows have no image; set data.modality=text"
         )
 
 
@@ -253,7 +253,7 @@ def evaluate_backend(backend, rows: list[dict], cfg, out_dir: str | Path | None 
 
     e = cfg.eval
     check_rows(rows, cfg.data)
-    rows = rows[: e.max_prompts]
+    rows = data.head(rows, e.max_prompts)
     folder = Path(out_dir) / f"eval_{label}" if out_dir is not None else None
     gen = _generator(backend, rows, folder)
     torch.manual_seed(cfg.seed)
@@ -264,7 +264,7 @@ def evaluate_backend(backend, rows: list[dict], cfg, out_dir: str | Path | None 
     answer_only = None
     if e.get("answer_only_template"):
         answer_only = [c[0] if c else "" for c in gen("answer_only", 1, 0.0, e.answer_only_template)]
-    metrics, records = score(rows, greedy, sampled, answer_only, e, cfg.data, backend.tokenizer)
+    metrics, records = score(data.text_rows(rows), greedy, sampled, answer_only, e, cfg.data, backend.tokenizer)
     metrics["failed_generations"] = failed
     metrics["samples"] = [
         {k: r[k] for k in ("id", "question", "answer", "completion", "correct")} for r in records[:20]

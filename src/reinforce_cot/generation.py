@@ -60,8 +60,8 @@ def row_key(row: dict) -> str:
     """A stable identity for a prompt: its id (if any) and a hash of its question, answer and image
     pixels, so that a JSONL written for other data with the same ids is never mistaken for this one."""
     h = hashlib.sha1(json.dumps([row["question"], str(row.get("answer"))]).encode())
-    if row.get("image") is not None:
-        h.update(row["image"].tobytes())
+    for image in row.get("images") or []:
+        h.update(image.tobytes())
     return f"{row['id']}#{h.hexdigest()[:10]}" if row.get("id") is not None else h.hexdigest()[:16]
 
 
@@ -72,18 +72,19 @@ def image_data_url(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def chat_messages(row: dict, template: str, system: str | None, with_image: bool) -> list[dict]:
-    """OpenAI chat messages for one row: the image (as a data URL) before the question text, as the
-    training prompts (data.prompt_messages) place it."""
-    text = template.format(question=row["question"])
-    if with_image:
-        content: Any = [
-            {"type": "image_url", "image_url": {"url": image_data_url(row["image"])}},
-            {"type": "text", "text": text},
-        ]
-    else:
-        content = text
-    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+def chat_messages(row: dict, template: str, system: str | None, own_prompt: bool = True) -> list[dict]:
+    """OpenAI chat messages for one row: the training prompt (data.prompt_messages), each image block
+    carrying its image as a data URL."""
+    images = iter(row.get("images") or [])
+    out = []
+    for m in data_lib.prompt_messages(row, template, system, own_prompt=own_prompt):
+        if isinstance(m.get("content"), list):
+            m = {**m, "content": [
+                {"type": "image_url", "image_url": {"url": image_data_url(next(images))}} if b.get("type") == "image"
+                else b for b in m["content"]
+            ]}  # fmt: skip
+        out.append(m)
+    return out
 
 
 def read_jsonl(path: Path) -> dict[str, dict]:
@@ -143,7 +144,7 @@ class Backend:
         return template or self.data_cfg.prompt_template
 
     def messages(self, row: dict, template: str | None) -> list[dict]:
-        return chat_messages(row, self.template(template), self.data_cfg.system_prompt, self.with_image)
+        return chat_messages(row, self.template(template), self.data_cfg.system_prompt, own_prompt=template is None)
 
     def generate(self, rows: list[dict], n: int = 1, temperature: float = 0.0, template: str | None = None):
         raise NotImplementedError
@@ -255,7 +256,7 @@ class HFBackend(Backend):
 
     def prompt(self, row: dict, template: str | None = None) -> str:
         messages = data_lib.prompt_messages(
-            row, self.template(template), self.data_cfg.system_prompt, with_image=self.with_image
+            row, self.template(template), self.data_cfg.system_prompt, own_prompt=template is None
         )
         return self.processing_class.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
@@ -287,8 +288,8 @@ class HFBackend(Backend):
 
         self.model.eval()
         prompts = [self.prompt(r, template) for r in batch for _ in range(n)]
-        if self.with_image:
-            images = [r["image"] for r in batch for _ in range(n)]
+        images = [im for r in batch for _ in range(n) for im in r.get("images") or []]  # in placeholder order
+        if images:
             enc = self.processing_class(text=prompts, images=images, padding=True, return_tensors="pt")
         else:
             enc = self.processing_class(prompts, padding=True, return_tensors="pt", add_special_tokens=False)

@@ -7,7 +7,7 @@ Where pairs come from:
 - local JSONL files whose rows have `chosen`/`rejected` fields (`data=jsonl`), e.g. written by rejection
   sampling: a completion string each, or TRL's conversational list of assistant messages.
 
-`format_split(..., algo_kind="preference")` turns them into TRL's conversational prompt/chosen/rejected
+`data.format_split(..., algo_kind="preference")` turns them into TRL's conversational prompt/chosen/rejected
 columns (+ image). `check_pairs` runs when the data loads, before any weights: DPO on data without
 pairs, or with an empty side, stops there with a one-line error.
 
@@ -85,29 +85,25 @@ def _text(side) -> str:
     return "" if side is None else str(side)
 
 
-def check_pairs(rows: list[dict], data_name: str, algo_name: str) -> None:
-    """Every row has a non-empty chosen and rejected, else a ConfigError naming the row and the fix."""
-    if not rows or "chosen" not in rows[0] or "rejected" not in rows[0]:
-        have = sorted(rows[0]) if rows else []
+def check_pairs(rows, data_name: str, algo_name: str) -> None:
+    """Every row of a split has a non-empty chosen and rejected, else a ConfigError naming the row and the fix."""
+    chosen, rejected = data.column(rows, "chosen"), data.column(rows, "rejected")
+    if not chosen or rejected is None:
         raise ConfigError(
             f"algo={algo_name} needs preference pairs but data={data_name} rows have no chosen/rejected "
-            f"(columns: {have}); use data=shapes_count_pref or data=arithmetic_pref, or data=jsonl with "
-            "chosen/rejected fields"
+            f"(columns: {data.columns(rows)}); use data=shapes_count_pref or data=arithmetic_pref, or data=jsonl / "
+            "data=hf with chosen/rejected columns"
         )
-    for i, row in enumerate(rows):
-        for side in ("chosen", "rejected"):
-            if not _text(row.get(side)).strip():
+    ids = data.column(rows, "id") or list(range(len(chosen)))
+    for i, pair in enumerate(zip(chosen, rejected)):
+        for side, value in zip(("chosen", "rejected"), pair):
+            if not _text(value).strip():
                 raise ConfigError(
-                    f"data={data_name}: row {row.get('id', i)} has an empty '{side}'; every preference pair needs "
+                    f"data={data_name}: row {ids[i]} has an empty '{side}'; every preference pair needs "
                     "both a chosen and a rejected completion: fix or drop the row"
                 )
-        if _text(row["chosen"]) == _text(row["rejected"]):
+        if _text(pair[0]) == _text(pair[1]):
             raise ConfigError(
-                f"data={data_name}: row {row.get('id', i)} has chosen == rejected; a pair needs two different "
+                f"data={data_name}: row {ids[i]} has chosen == rejected; a pair needs two different "
                 "completions: fix or drop the row"
             )
-
-
-def as_messages(side) -> list[dict]:
-    """A side as TRL's conversational completion: a list of assistant messages."""
-    return side if isinstance(side, list) else [{"role": "assistant", "content": str(side)}]

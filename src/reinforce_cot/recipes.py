@@ -20,11 +20,11 @@ written as SFT/DPO datasets: reinforce_cot.rejection), merge (LoRA merge or weig
 stages; reinforce_cot.merge), evaluate (every earlier train or merge stage's model on the test split:
 metrics JSON, plots, samples.html, a comparison table and plot).
 
-A stage trains on data an earlier stage made with `data_from: <stage name>[/<dataset>]`: it is composed
-with data=jsonl on run_dir/data/<that stage id>/<dataset>.jsonl (default: train after a curate stage;
-else dpo for preference algos, sft otherwise) and that folder's test.jsonl and images/, keeping the
-source stage's prompt template, modality and reasoning settings. Such data is loaded when the stage
-starts, since it does not exist before the run:
+A stage trains on data an earlier stage made with `data_from: <stage name>[/<config>]`: it is composed
+with data=hf on the hub-layout folder run_dir/data/<that stage id>/ (reinforce_cot.data.write_dataset),
+config <config> (default: `default` after a curate stage; else dpo for preference algos, sft otherwise),
+keeping the source stage's prompt template, modality and reasoning settings. Such data is loaded when
+the stage starts, since it does not exist before the run:
 
       - {name: rs, kind: rejection_sample, init_from: sft}
       - {name: dpo, kind: train, init_from: sft, data_from: rs, overrides: [algo=dpo]}
@@ -36,7 +36,6 @@ import logging
 import time
 from pathlib import Path
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from reinforce_cot import config as config_lib
@@ -69,8 +68,8 @@ def compose_stages(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict
     out: dict[str, DictConfig] = {}
     for stage, sid in zip(stages, ids):
         own = list(stage.get("overrides") or [])
-        if stage.get("data_from"):  # data an earlier stage writes: data=jsonl, paths filled in below
-            own.append("data=jsonl")
+        if stage.get("data_from"):  # data an earlier stage writes: data=hf, its folder filled in below
+            own.append("data=hf")
         scfg = compose_once(plan.for_stage(str(stage.name), own, compose_once))
         with open_dict(scfg):
             scfg.pop(overrides_lib.TARGET)  # {} here: a stage's targeted overrides are in its own list
@@ -99,29 +98,21 @@ def compose_stages(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict
     return out
 
 
-def instantiate_rows(node) -> list[dict]:
-    """`instantiate` a split; a loader's ConfigError comes out as itself (one line), not wrapped by Hydra."""
-    from hydra.errors import InstantiationException
-
-    try:
-        return instantiate(node)
-    except InstantiationException as e:
-        if isinstance(e.__cause__, ConfigError):
-            raise e.__cause__ from None
-        raise
+def instantiate_rows(node, split: str = "test", data_name: str = ""):
+    """One split config node as a Dataset of the row contract (reinforce_cot.data.load_split)."""
+    return data_lib.load_split(node, split, data_name)
 
 
-def load_splits(data_cfg) -> dict[str, list[dict]]:
-    """Instantiate the train and test rows of a data config; test rows seen in train are dropped."""
-    train = instantiate_rows(data_cfg.train)
-    test = instantiate_rows(data_cfg.test)
-    if "layout" in (train[0] if train else {}):
+def load_splits(data_cfg) -> dict:
+    """The train and test splits of a data config as Datasets (reinforce_cot.data: the row contract);
+    test rows whose content occurs in train are dropped. Images stay undecoded (see `stage_splits`)."""
+    name = data_lib.title(data_cfg)
+    train = data_lib.load_split(data_cfg.train, "train", name)
+    test = data_lib.load_split(data_cfg.test, "test", name)
+    if "layout" in train.column_names and "layout" in test.column_names:
         test = data_lib.disjoint(train, test)
-    for split, rows in (("train", train), ("test", test)):
-        if not rows:
-            raise ConfigError(
-                f"data={data_cfg.name}: the {split} split is empty; raise data.{split}.n or fix the source"
-            )
+        if not len(test):
+            raise ConfigError(f"data={name}: every test row also occurs in train; raise data.test.n or fix the source")
     return {"train": train, "test": test}
 
 
@@ -203,15 +194,30 @@ def _load_checked(scfg, splits: dict) -> dict:
     preference algos, reward and sampler columns) run before any weights load."""
     from reinforce_cot import rewards, sampling
 
-    key = OmegaConf.to_yaml(scfg.data)
+    key = "".join(OmegaConf.to_yaml(scfg.data[s], resolve=True) for s in ("train", "test"))  # what gets loaded
     if key not in splits:
         splits[key] = load_splits(scfg.data)
-    train = splits[key]["train"]
+    loaded = data_lib.settle_modality(scfg, splits[key])
+    train = loaded["train"]
     if scfg.algo.kind == "preference":
-        preference.check_pairs(train, scfg.data.name, scfg.algo.name)
+        preference.check_pairs(train, data_lib.title(scfg.data), scfg.algo.name)
     rewards.check(scfg, train)
     sampling.check(scfg, train)
-    return splits[key]
+    return stage_splits(scfg, loaded)
+
+
+def stage_data(scfg) -> dict:
+    """A stage's checked splits, as its trainer, evaluator, curation or rejection sampling reads them."""
+    return _load_checked(scfg, {})
+
+
+def stage_splits(scfg, loaded: dict) -> dict:
+    """What a stage's trainer, evaluator, curation or rejection sampling reads: views whose images are
+    decoded when a row is read, at this stage's model.image_max_pixels (reinforce_cot.images.capped)."""
+    from reinforce_cot import images
+
+    m = scfg.model
+    return {k: images.capped(ds, m.get("image_max_pixels"), m.get("image_factor", 28)) for k, ds in loaded.items()}
 
 
 def stage_kinds() -> dict:
@@ -231,7 +237,7 @@ DATA_FROM_KEYS = ("modality", "prompt_template", "system_prompt", "max_completio
 
 
 def _use_data_from(scfg, stage, by_name: dict, ids: list, sid: str, run_dir: Path, composed: dict) -> None:
-    """Point a stage's data=jsonl at run_dir/data/<source stage>/ (see the module docstring)."""
+    """Point a stage's data=hf at run_dir/data/<source stage>/ (see the module docstring)."""
     name, _, which = str(stage.data_from).partition("/")
     if name not in by_name or ids.index(by_name[name]) >= ids.index(sid):
         raise ConfigError(
@@ -239,20 +245,15 @@ def _use_data_from(scfg, stage, by_name: dict, ids: list, sid: str, run_dir: Pat
             f"use one of {list(by_name)[: ids.index(sid)]}"
         )
     src = by_name[name]
-    if not which:  # a curate stage writes train.jsonl; a rejection_sample stage sft.jsonl and dpo.jsonl
+    if not which:  # a curate stage writes one config; a rejection_sample stage sft and dpo
         which = (
-            "train" if composed[src].stage.kind == "curate" else ("dpo" if scfg.algo.kind == "preference" else "sft")
+            "default" if composed[src].stage.kind == "curate" else ("dpo" if scfg.algo.kind == "preference" else "sft")
         )
-    folder = run_dir / "data" / src
     for key in DATA_FROM_KEYS:  # the prompts the source stage sampled with, and how its chains read
         if key in composed[src].data:
             scfg.data[key] = composed[src].data[key]
-    for split in ("train", "test"):  # drop loader arguments meant for the source data (debug=smoke's n)
-        for key in [k for k in scfg.data[split] if k not in ("_target_", "path", "image_folder", "fields")]:
-            del scfg.data[split][key]
-    scfg.data.train.path = str(folder / f"{which}.jsonl")
-    scfg.data.test.path = str(folder / "test.jsonl")
-    scfg.data.image_folder = str(folder / "images") if scfg.data.modality == "image" else None
+    scfg.data.path = str(run_dir / "data" / src)
+    scfg.data.name = which
     scfg.stage.data_from = f"{src}/{which}"
 
 

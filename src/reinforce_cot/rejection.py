@@ -4,21 +4,22 @@ The UnifiedReward-Think recipe's second stage (and Kimi k1.5's "shortest rejecti
 long2short): sample `rejection.k` completions per training prompt with the configured generation
 backend (hf, vllm, or an OpenAI-compatible server), score each with the configured reward functions
 (the `accuracy` one decides correct; `rejection.require_format` also demands the R1 format), then write
-into the run's data folder, run_dir/data/<stage id>/:
+into the run's data folder, run_dir/data/<stage id>/, a hub-layout dataset (data.write_dataset) with two
+configs, `sft` and `dpo`, each with the stage's test split as its test split:
 
-    sft.jsonl     correct chains (`rejection.keep`: all distinct ones, or the shortest per prompt)
-    dpo.jsonl     pairs for the same prompt and image (`rejection.dpo_pairs`):
+    sft/train.parquet   correct chains (`rejection.keep`: all distinct ones, or the shortest per prompt)
+    dpo/train.parquet   pairs for the same prompt and image (`rejection.dpo_pairs`):
                     wrong:  chosen = a correct chain, rejected = a wrong one
                     length: chosen = the shortest correct chain, rejected = a correct one at least
                             `rejection.length_ratio` x longer (in tokens): Kimi's long2short pairs
                     both:   each, up to `rejection.max_pairs_per_prompt` of each type
-    test.jsonl    the stage's test split, so a stage trained on this folder keeps the same held-out set
-    images/       one PNG per prompt, shared by all three
+    */test.parquet      the stage's test split, so a stage trained on this folder keeps the same held-out set
+    README.md     the configs: `data=hf data.path=<folder> data.name=sft` (or dpo) loads them
     generations.jsonl   every sample as generated (resumable: a killed stage skips prompts done)
     report.json   per-prompt pass rates, counts kept and dropped, lengths, reward means
 
-The JSONL files are in the `data=jsonl` format. A later stage trains on them with `data_from: <stage
-name>` in the recipe (recipes.compose_stages): sft.jsonl for SFT and RL algos, dpo.jsonl for
+Images are the prompt's own, stored as the source stored them. A later stage trains on them with
+`data_from: <stage name>` in the recipe (recipes.compose_stages): sft for SFT and RL algos, dpo for
 preference algos, or name one: `data_from: rs/dpo`.
 
 SFT rows store the chain inside <think> as `reasoning` and the sampled answer as `answer`, so the SFT
@@ -30,20 +31,19 @@ completions verbatim (the policy's own tokens are what DPO contrasts).
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from reinforce_cot import generation, models, reasoning, rewards
+from reinforce_cot import data, generation, models, reasoning, rewards
 from reinforce_cot.errors import ConfigError
 from reinforce_cot.rundir import write_json
 
 log = logging.getLogger(__name__)
 
-SKIP_COLUMNS = ("image", "layout")  # not handed to reward functions, not written as columns
+SKIP_COLUMNS = ("layout",)  # not handed to reward functions, not written as columns
+ROW_KEYS = ("id", "source_id", "question", "answer", "reasoning", "difficulty")  # an empty split keeps them
 
 
 def data_dir(run_dir: Path, sid: str) -> Path:
@@ -71,25 +71,8 @@ def validate(cfg) -> None:
         )
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^\w.-]", "_", str(name))
-
-
-def _save_image(row: dict, folder: Path, prefix: str = "") -> str | None:
-    if row.get("image") is None:
-        return None
-    name = f"{prefix}{_safe(row.get('id') or generation.row_key(row))}.png"
-    if not (folder / name).exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        row["image"].save(folder / name)
-    return name
-
-
-def _base(row: dict, image: str | None) -> dict:
-    rec = {"id": row.get("id"), "question": row["question"], "difficulty": row.get("difficulty", 0)}
-    if image:
-        rec["image"] = image
-    return rec
+def _base(row: dict) -> dict:
+    return {"id": row.get("id"), "question": row["question"], "difficulty": row.get("difficulty", 0)}
 
 
 def _verify(row: dict, samples: list[str], funcs, require_format: bool) -> tuple[list[bool], dict]:
@@ -122,11 +105,11 @@ def _pairs(correct: list[tuple[str, int]], wrong: list[tuple[str, int]], rcfg) -
     return out
 
 
-def sample(backend, rows: list[dict], cfg, out_dir: Path, tokenizer=None) -> dict:
-    """Generate, verify, write sft.jsonl / dpo.jsonl / report.json into `out_dir`; returns the report."""
+def sample(backend, rows, cfg, out_dir: Path, tokenizer=None, test=None) -> dict:
+    """Generate, verify, write the sft / dpo dataset (with `test`, a split, as its test split) and
+    report.json into `out_dir`; returns the report."""
     rcfg = cfg.rejection
     out_dir.mkdir(parents=True, exist_ok=True)
-    images = out_dir / "images"
     funcs, _ = rewards.build(cfg.reward)
     t0 = time.time()
     completions = backend.generate_to_jsonl(rows, out_dir / "generations.jsonl", n=rcfg.k, temperature=rcfg.temperature)
@@ -136,10 +119,11 @@ def sample(backend, rows: list[dict], cfg, out_dir: Path, tokenizer=None) -> dic
         return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if tokenizer else len(text.split())
 
     sft, dpo, per_prompt = [], [], []
+    sources = {"sft": [], "dpo": []}  # the prompt row each record came from (its images are reused)
     counts: Counter = Counter()
     reward_sums: dict = defaultdict(list)
     lengths = {"correct": [], "wrong": []}
-    for row, samples in zip(rows, completions):
+    for i, (row, samples) in enumerate(zip(data.text_rows(rows), completions)):
         if not samples:
             counts["failed_prompts"] += 1
             per_prompt.append({"id": row.get("id"), "difficulty": row.get("difficulty", 0), "failed": True})
@@ -157,17 +141,18 @@ def sample(backend, rows: list[dict], cfg, out_dir: Path, tokenizer=None) -> dic
         counts["correct_samples"] += sum(ok)
         counts["duplicate_correct"] += sum(ok) - len(correct)
         counts["distinct_correct"] += len(correct)
-        image = _save_image(row, images) if correct else None
         kept = correct[:1] if rcfg.keep == "shortest" else correct
         for j, (text, n) in enumerate(kept):
-            rec = _base(row, image) | {"id": f"{row.get('id')}-c{j}", "source_id": row.get("id")}
+            rec = _base(row) | {"id": f"{row.get('id')}-c{j}", "source_id": row.get("id")}
             rec |= {"reasoning": reasoning.chain(text), "answer": rewards.extract_answer(text), "completion": text}
             sft.append(rec | {"length": n})
+            sources["sft"].append(i)
         pairs = _pairs(correct, wrong, rcfg) if rcfg.dpo_pairs != "none" else []
         for j, (chosen, rejected, kind) in enumerate(pairs):
-            rec = _base(row, image) | {"id": f"{row.get('id')}-p{j}", "source_id": row.get("id")}
+            rec = _base(row) | {"id": f"{row.get('id')}-p{j}", "source_id": row.get("id")}
             rec |= {"answer": row["answer"], "chosen": chosen, "rejected": rejected, "pair_type": kind}
             dpo.append(rec)
+            sources["dpo"].append(i)
         counts[f"pairs_{'none' if not pairs else 'some'}"] += 1
         per_prompt.append(
             {
@@ -181,8 +166,14 @@ def sample(backend, rows: list[dict], cfg, out_dir: Path, tokenizer=None) -> dic
             }
         )
 
-    _write(out_dir / "sft.jsonl", sft)
-    _write(out_dir / "dpo.jsonl", dpo)
+    images = [c for c in data.IMAGE_COLUMNS if c in rows.column_names]
+    configs = {}
+    for name, recs in (("sft", sft), ("dpo", dpo)):
+        own = rows.select(sources[name]).select_columns(images) if images else None
+        configs[name] = {"train": (own, data.records_columns(recs, ROW_KEYS))}
+        if test is not None:
+            configs[name]["test"] = (test, None)
+    data.write_dataset(out_dir, configs)
     rep = _report(rows, per_prompt, counts, sft, dpo, lengths, reward_sums, rcfg, gen_s, out_dir)
     write_json(out_dir / "report.json", rep)
     return rep
@@ -225,25 +216,11 @@ def _report(rows, per_prompt, counts, sft, dpo, lengths, reward_sums, rcfg, gen_
         "mean_length_wrong": mean(lengths["wrong"]),
         "reward_means": {k: mean(v) for k, v in reward_sums.items()},
         "generation_seconds": round(gen_s, 1),
-        "files": {name: str(out_dir / name) for name in ("sft.jsonl", "dpo.jsonl", "test.jsonl", "generations.jsonl")},
+        "files": {
+            name: str(out_dir / name) for name in ("sft.parquet", "dpo.parquet", "test.parquet", "generations.jsonl")
+        },
         "per_prompt": per_prompt,
     }
-
-
-def _write(path: Path, records: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(path)
-
-
-def export_rows(rows: list[dict], path: Path, prefix: str) -> None:
-    """Raw rows (a test split) as data=jsonl lines, images into path.parent/images."""
-    out = []
-    for row in rows:
-        rec = _base(row, _save_image(row, path.parent / "images", prefix))
-        rec |= {"answer": row["answer"], "reasoning": row.get("reasoning") or ""}
-        out.append(rec)
-    _write(path, out)
 
 
 def rejection_sample_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: dict | None = None) -> dict:
@@ -252,13 +229,12 @@ def rejection_sample_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: 
 
     t0 = time.time()
     out = data_dir(run_dir, sid)
-    rows = splits["train"][: cfg.rejection.max_prompts] if cfg.rejection.max_prompts else splits["train"]
+    rows = data.head(splits["train"], cfg.rejection.max_prompts)
     path = models.resolve_path(cfg.model)
     torch.manual_seed(cfg.seed)
     log.info("[%s] rejection sampling: %d prompts x %d samples from %s", sid, len(rows), cfg.rejection.k, path)
     with generation.load(cfg, path, cache_dir=out) as backend:
-        rep = sample(backend, rows, cfg, out, tokenizer=backend.tokenizer)
-    export_rows(splits["test"], out / "test.jsonl", prefix="test-")
+        rep = sample(backend, rows, cfg, out, tokenizer=backend.tokenizer, test=splits["test"])
     summary = {"stage": sid, "kind": "rejection_sample", "model": path, "wall_seconds": round(time.time() - t0, 1)}
     summary["test_rows"] = len(splits["test"])
     summary |= {k: v for k, v in rep.items() if k != "per_prompt"}

@@ -135,7 +135,7 @@ pre{white-space:pre-wrap;margin:.3em 0;background:#f6f6f6;padding:.4em}
 
 def _card(rec: dict, row: dict) -> str:
     esc = html_lib.escape
-    img = f'<img src="{_thumb(row["image"])}" alt="input image" width="128">' if row.get("image") is not None else ""
+    img = "".join(f'<img src="{_thumb(im)}" alt="input image" width="128">' for im in row.get("images") or [])
     verdict = "correct" if rec["correct"] else "wrong"
     stats = [f"steps {rec['steps']}", f"length {rec['length']}", f"format {'ok' if rec['format'] else 'broken'}"]
     if rec.get("completeness") is not None:
@@ -154,9 +154,10 @@ def _card(rec: dict, row: dict) -> str:
     )
 
 
-def html(records: list[dict], rows: list[dict], path: Path, label: str, n: int = 12) -> Path:
-    """samples.html: `n` best samples and `n` failures (records and rows aligned by index)."""
-    pairs = list(zip(records, rows))
+def html(records: list[dict], rows, path: Path, label: str, n: int = 12) -> Path:
+    """samples.html: `n` best samples and `n` failures (records and rows aligned by index; only the rows
+    shown are read, so only their images are decoded)."""
+    pairs = [(rec, i) for i, rec in enumerate(records)]
     best = sorted(
         (p for p in pairs if p[0]["correct"]),
         key=lambda p: (-(p[0]["completeness"] or 0), -(p[0].get("consistency") or 0), p[0]["length"]),
@@ -167,9 +168,9 @@ def html(records: list[dict], rows: list[dict], path: Path, label: str, n: int =
         f"<h1>Samples: {html_lib.escape(label)}</h1>",
         f"<p>{n_ok} of {len(records)} greedy answers correct.</p>",
         f'<h2 id="best">Best samples ({len(best)})</h2>',
-        *(_card(r, row) for r, row in best),
+        *(_card(r, rows[i]) for r, i in best),
         f'<h2 id="failures">Failures ({len(failures)})</h2>',
-        *(_card(r, row) for r, row in failures),
+        *(_card(r, rows[i]) for r, i in failures),
     ]
     page = (
         f'<!doctype html><html><head><meta charset="utf-8"><title>Samples: {html_lib.escape(label)}</title>'

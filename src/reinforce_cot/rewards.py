@@ -321,11 +321,12 @@ def kimi_length_reward(
     return values[start : start + n]
 
 
-def check(cfg, rows: list[dict]) -> None:
+def check(cfg, rows) -> None:
     """Fail before weights load when a configured reward cannot run: its function does not exist, or the
-    data lacks a column it reads (`columns:` in its config file)."""
+    data (a split: reinforce_cot.data) lacks a column it reads (`columns:` in its config file)."""
     from hydra._internal.utils import _locate
 
+    from reinforce_cot import data
     from reinforce_cot.errors import ConfigError
 
     if cfg.algo.kind != "rl":
@@ -340,10 +341,10 @@ def check(cfg, rows: list[dict]) -> None:
                 "(module.function, importable)"
             ) from None
         for col in spec.get("columns") or []:
-            if not any(r.get(col) not in (None, "") for r in rows):
+            if not any(v not in (None, "") for v in data.column(rows, col) or []):
                 raise ConfigError(
-                    f"reward.{name} reads the '{col}' column, which data={cfg.data.name} lacks "
-                    f"(columns: {sorted(rows[0]) if rows else []}); map it (data.fields.{col}=<key>) or drop the reward"
+                    f"reward.{name} reads the '{col}' column, which data={data.title(cfg.data)} lacks "
+                    f"(columns: {data.columns(rows)}); map it (data.fields.{col}=<column>) or drop the reward"
                 )
 
 

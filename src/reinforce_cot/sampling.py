@@ -281,13 +281,11 @@ class CurriculumSampler(GroupedSampler):
 
 
 def _column(data_source, name: str) -> list:
-    names = getattr(data_source, "column_names", None)
-    if names is not None:
-        if name not in names:
-            raise ConfigError(f"sampler: the dataset has no '{name}' column (columns: {names})")
-        values = data_source[name]
-    else:
-        values = [row.get(name) for row in data_source]
+    from reinforce_cot import data
+
+    values = data.column(data_source, name)  # from storage: a view's images are not decoded
+    if values is None:
+        raise ConfigError(f"sampler: the dataset has no '{name}' column (columns: {data.columns(data_source)})")
     missing = sum(v is None for v in values)
     if missing:
         raise ConfigError(f"sampler: {missing} rows have no '{name}' value; fill the column or curate the data")
@@ -295,17 +293,19 @@ def _column(data_source, name: str) -> list:
 
 
 # ------------------------------------------------------------------------- checks at data load
-def check(cfg, rows: list[dict]) -> None:
-    """Fail at data load when the configured sampler cannot work on these rows."""
+def check(cfg, rows) -> None:
+    """Fail at data load when the configured sampler cannot work on this split (reinforce_cot.data)."""
+    from reinforce_cot import data
+
     s = cfg.get("sampler") or {}
     if not s.get("_target_") or (cfg.algo.kind != "rl"):
         return
     for key in [s.get("column"), s.get("init_column")]:
-        if key and (not rows or any(r.get(key) is None for r in rows)):
-            have = sorted(rows[0]) if rows else []
+        values = data.column(rows, key) if key else None
+        if key and (not values or any(v is None for v in values)):
             raise ConfigError(
-                f"sampler={s.name} reads the '{key}' column, which data={cfg.data.name} lacks"
-                f" (columns: {have}); add it, curate the data (stage kind curate writes difficulty and "
+                f"sampler={s.name} reads the '{key}' column, which data={data.title(cfg.data)} lacks"
+                f" (columns: {data.columns(rows)}); add it, curate the data (stage kind curate writes difficulty and "
                 f"pass_rate), or use sampler=uniform"
             )
     weighted = s.get("prioritize") or s._target_.endswith("PrioritizedSampler")
@@ -315,10 +315,10 @@ def check(cfg, rows: list[dict]) -> None:
             f"reward= lacks (has {list(cfg.reward or {})}); add it or set sampler.success_reward to one of them"
         )
     if weighted:
-        ids = [r.get("id") for r in rows]
+        ids = data.column(rows, "id") or [None]
         if None in ids or len(set(ids)) != len(ids):
             raise ConfigError(
-                f"sampler={s.name} tracks each prompt by its 'id' column, which data={cfg.data.name} lacks or "
+                f"sampler={s.name} tracks each prompt by its 'id' column, which data={data.title(cfg.data)} lacks or "
                 "repeats; give every row a unique id"
             )
 
@@ -348,7 +348,7 @@ class SamplerMixin:
             total = math.ceil(a.max_steps * a.gradient_accumulation_steps / per_chunk)
         else:
             total = math.ceil(a.num_train_epochs * (len(dataset) // (a.generation_batch_size // self.num_generations)))
-        ids = dataset["id"] if "id" in dataset.column_names else None
+        ids = _column(dataset, "id") if "id" in dataset.column_names else None  # not dataset["id"]: decodes images
         self._rc_sampler = instantiate(self._rc_sampler_cfg, _convert_="all")(
             dataset,
             mini_repeat_count=self.num_generations,

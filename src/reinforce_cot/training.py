@@ -33,8 +33,11 @@ from reinforce_cot.rundir import write_json
 log = logging.getLogger(__name__)
 
 
-def build_dataset(cfg, rows: list[dict]):
-    return data_lib.format_split(rows, cfg.data, cfg.algo.kind, with_image=cfg.data.modality == "image")
+def build_dataset(cfg, split):
+    """The train split (reinforce_cot.data's row contract) in the columns TRL's trainer reads; images
+    decoded per batch at model.image_max_pixels."""
+    m = cfg.model
+    return data_lib.format_split(split, cfg.data, cfg.algo.kind, m.get("image_max_pixels"), m.get("image_factor", 28))
 
 
 def last_checkpoint(ckpt_dir: Path) -> str | None:
@@ -72,7 +75,8 @@ def train_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: dict | None
     set_seed(cfg.seed)
     ckpt_dir = run_dir / "ckpt" / sid
     train_ds = build_dataset(cfg, splits["train"])
-    log.info("[%s] dataset: %d rows, columns %s", sid, len(train_ds), train_ds.column_names)
+    columns = list(train_ds[0]) if train_ds.format["type"] == "custom" else train_ds.column_names  # a view: its rows
+    log.info("[%s] dataset: %d rows, columns %s", sid, len(train_ds), columns)
 
     path = models.resolve_path(cfg.model)
     processing_class = models.load_processing_class(path, cfg.model)
