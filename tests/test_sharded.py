@@ -19,7 +19,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from reinforce_cot import data, generation, hardware, models, tiny
+from reinforce_cot import data, generation, hardware, images, models, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,7 +96,7 @@ def test_greedy_ignores_a_checkpoints_generation_defaults(sft_checkpoint, tmp_pa
         )
     )
     cfg = cfg_for("eval.max_new_tokens=24", "eval.batch_size=8")
-    rows = data.shapes_rows(8, seed=7, image_size=64)
+    rows = images.capped(data.from_rows(data.shapes_rows(8, seed=7, image_size=64)), None)  # the row contract
     out = {}
     for name, path in (("clean", sft_checkpoint), ("polluted", polluted)):
         with generation.load(cfg, str(path)) as backend:
@@ -104,7 +104,7 @@ def test_greedy_ignores_a_checkpoints_generation_defaults(sft_checkpoint, tmp_pa
             if name == "polluted":  # the defaults do bite when transformers is left to apply them
                 enc = backend.processing_class(
                     text=[backend.prompt(r) for r in rows],
-                    images=[r["image"] for r in rows],
+                    images=[r["images"][0] for r in rows],
                     padding=True,
                     return_tensors="pt",
                 )

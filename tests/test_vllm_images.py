@@ -134,7 +134,7 @@ def fake_vllm(monkeypatch):
     RecordingServer.images = []
 
 
-def _trainer(algo: str, mode: str, mixin: bool, rows: list[dict]):
+def _trainer(algo: str, mode: str, mixin: bool, rows):
     """A real TRL trainer on the tiny VLM with use_vllm (batch shrunk to 2 prompts x 2 samples: the
     tokens, not the batch, are under test)."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -169,11 +169,11 @@ def _trainer(algo: str, mode: str, mixin: bool, rows: list[dict]):
     return trainer, cfg
 
 
-def _rows(image_size: int = 64) -> list[dict]:
+def _rows(image_size: int = 64):
     rows = data_lib.shapes_rows(2, seed=0)
     if image_size != 64:  # the same drawing, larger than the tiny model's cap (4096 pixels)
         rows = [{**r, "image": r["image"].resize((image_size, image_size))} for r in rows]
-    return rows
+    return images_lib.capped(data_lib.from_rows(rows), None)  # the split contract, as data loading makes it
 
 
 def _inputs(trainer, rows):
@@ -214,10 +214,10 @@ def test_trl_1_16_alone_sends_vllm_the_expanded_prompt(fake_vllm):
 
 @pytest.mark.parametrize("mixin", [True, False])
 def test_server_features_sit_on_runs_as_long_as_the_servers_token_count(fake_vllm, mixin):
-    """An image larger than model.image_max_pixels (e.g. from a path that did not fit it at load): the
-    trainer's processor caps it (16 tokens), a server at the hub default budget would not (144 tokens).
-    With the mixin the server gets the fitted image, so its count equals the run TRL points it at;
-    without it TRL silently pairs a 16-token run with 144 tokens of features."""
+    """An image larger than model.image_max_pixels: the trainer's processor caps it (16 tokens), a server at
+    the hub default budget would not (144 tokens). Data loading fits every image where it is decoded
+    (images.capped), and the mixin fits what it sends to vLLM again, so either way the server's count equals
+    the run TRL points it at; unfitted, TRL would silently pair a 16-token run with 144 tokens of features."""
     RecordingServer.processor = _qwen_image_processor(8, HUB_MAX_PIXELS, 256)
     rows = _rows(image_size=200)
     trainer, _ = _trainer("grpo", "server", mixin=mixin, rows=rows)
@@ -228,11 +228,9 @@ def test_server_features_sit_on_runs_as_long_as_the_servers_token_count(fake_vll
         run = vllm_images.runs(req["token_ids"], pad)
         placed = [p["length"] for p in req["features"]["mm_placeholders"]["image"]]
         assert placed == run == [16]  # TRL's placement: the trainer's run
-        server_count = _tokens(RecordingServer.processor, imgs[0])
-        if mixin:
-            assert server_count == 16
-        else:
-            assert server_count == 144  # 200 px -> 192 at factor 16: 12 x 12 tokens where TRL placed 16
+        assert _tokens(RecordingServer.processor, imgs[0]) == 16
+    # what the server would count for the image as stored: 200 px -> 192 at factor 16, 12 x 12 tokens
+    assert _tokens(RecordingServer.processor, Image.new("RGB", (200, 200))) == 144
 
 
 def test_a_server_with_another_budget_is_refused_with_the_fix(fake_vllm):
