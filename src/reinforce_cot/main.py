@@ -33,12 +33,17 @@ CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def _route_library_logs() -> None:
-    """Send transformers/TRL logs through the root logger so they land in output.log too."""
+    """Send transformers/TRL logs through the root logger so they land in output.log too; no transformers
+    bars ("Loading weights", "Writing model shards" at every checkpoint): a stage shows one bar of its own
+    (reinforce_cot.callbacks). Hub downloads keep theirs (drawn on a terminal only)."""
+    import huggingface_hub.utils
     import transformers
 
     transformers.utils.logging.disable_default_handler()
     transformers.utils.logging.enable_propagation()
     transformers.utils.logging.set_verbosity_warning()
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.enable_progress_bars()
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hydra.utils import instantiate
 
-from reinforce_cot import adapters, hardware, models, parts, rewards, sampling
+from reinforce_cot import adapters, callbacks, hardware, models, parts, rewards, sampling
 from reinforce_cot import data as data_lib
 from reinforce_cot.rundir import write_json
 
@@ -75,6 +75,7 @@ def train_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: dict | None
         log.info("[%s] sampler: %s", sid, cfg.sampler.name)
     trainer = make_trainer(**kwargs)
     parts.install_lr_multipliers(trainer, cfg)
+    callbacks.attach(trainer, cfg, sid, splits["test"])  # progress bar, metrics to output.log, eval during training
     log.info("[%s] %s", sid, adapters.describe_trainable(trainer.model))
     if cfg.algo.kind == "preference" or cfg.algo.args.get("beta"):
         ref = getattr(trainer, "ref_model", None)
@@ -119,5 +120,6 @@ def train_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: dict | None
     }
     if trainer.is_world_process_zero():
         write_json(run_dir / "result" / f"{sid}.json", summary)
-    log.info("[%s] done: %d steps in %.0f s -> %s", sid, trainer.state.global_step, summary["wall_seconds"], final)
+    numbers = callbacks.summary(trainer.state, callbacks.progress_keys(cfg), summary["wall_seconds"])
+    log.info("[%s] done: %s -> %s", sid, numbers, final)
     return summary
