@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import TrainerControl, TrainerState
 
-from reinforce_cot import callbacks, evaluation, generation, models, recipes, runs, training
+from reinforce_cot import callbacks, config, evaluation, generation, models, recipes, runs, training
 
 ROOT = Path(__file__).resolve().parents[1]
 RL_KEYS = {"reward": "reward", "acc": "rewards/accuracy/mean", "len": "completions/mean_length", "loss": "loss"}
@@ -105,7 +105,7 @@ def test_bad_eval_during_training_settings_are_config_errors(bad):
     from reinforce_cot.errors import ConfigError
 
     with pytest.raises(ConfigError, match=bad.split()[-1].split("=")[0].replace(".", r"\.")):
-        callbacks.validate(_compose(*bad.split()))
+        config.validate(_compose(*bad.split()))
 
 
 # ------------------------------------------------------------------------------ evaluation during training

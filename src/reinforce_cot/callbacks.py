@@ -70,8 +70,9 @@ def progress_keys(cfg) -> dict:
 
 
 def validate(cfg) -> None:
+    """eval.every_steps and eval.during_train_prompts, before any weights load."""
     every, n = cfg.eval.get("every_steps"), cfg.eval.get("during_train_prompts")
-    if every is not None and (not isinstance(every, int) or every < 1):
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
         raise ConfigError(f"eval.every_steps={every}: must be a whole number of steps >= 1, or null (off)")
     if every is not None and (not isinstance(n, int) or n < 1):
         raise ConfigError(f"eval.during_train_prompts={n}: must be >= 1 (held-out prompts evaluated every N steps)")
