@@ -140,6 +140,7 @@ def test_eval_during_training_logs_what_a_direct_evaluation_of_the_same_weights_
     res = _train(cfg, tmp_path / "on", monkeypatch)
     logged = {h["step"]: h for h in res["log_history"] if "eval_greedy_accuracy" in h}
     assert sorted(logged) == sorted(seen) == [0, 2, 4]  # before training, then every 2 steps
+    assert [h["step"] for h in res["log_history"] if "loss" in h] == [1, 2, 3, 4]  # the trainer's own logs too
 
     path = models.resolve_path(cfg.model)
     processing_class = models.load_processing_class(path, cfg.model)

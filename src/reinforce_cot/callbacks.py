@@ -218,7 +218,9 @@ class EvalDuringTraining(TrainerCallback):
         logs["eval_seconds"] = round(time.monotonic() - t0, 2)
         # what Trainer.log does, without TRL's override of it (which would flush its buffered train metrics here)
         state.log_history.append({**logs, "step": state.global_step})
+        should_log = control.should_log  # the handler clears it, and the trainer's own log of this step must stay
         self.trainer.callback_handler.on_log(args, state, control, logs=logs)
+        control.should_log = should_log
 
 
 def evaluate_live(trainer, rows: list[dict], cfg) -> dict:
