@@ -4,6 +4,7 @@ checks of GPU-only hardware settings."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,8 @@ def _check_two_ranks_one_writer(run, distributed_type: str):
     assert res["distributed_type"] == distributed_type
     console = run.stdout + run.stderr
     assert "process rank 0 of 2" in console and "process rank 1 of 2" in console
+    progress = re.findall(r"\[rank (\d)\].*\[01_sft\] step \d+/4 ", console)  # progress lines (no terminal)
+    assert progress and set(progress) == {"0"}  # drawn by rank 0 alone
     log = (run.dir / "output.log").read_text()
     assert "[rank 0]" in log and "[rank 1]" not in log  # rank 1 logs to the console only
     assert "starting 2 processes" in log and f"hydra.run.dir={run.dir}" in log  # both children in THIS run dir

@@ -42,8 +42,10 @@ def _route_library_logs() -> None:
     transformers.utils.logging.disable_default_handler()
     transformers.utils.logging.enable_propagation()
     transformers.utils.logging.set_verbosity_warning()
-    transformers.utils.logging.disable_progress_bar()
-    huggingface_hub.utils.enable_progress_bars()
+    hub_bars = not huggingface_hub.utils.are_progress_bars_disabled()
+    transformers.utils.logging.disable_progress_bar()  # also the hub's ...
+    if hub_bars:  # ... which downloads keep, unless HF_HUB_DISABLE_PROGRESS_BARS=1
+        huggingface_hub.utils.enable_progress_bars()
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
