@@ -151,7 +151,13 @@ def test_eval_during_training_logs_what_a_direct_evaluation_of_the_same_weights_
     direct = {}
     for step, weights in seen.items():
         model.load_state_dict(weights)
-        backend = generation.HFBackend(model, processing_class, cfg.data, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+        backend = generation.HFBackend(
+            model=model,
+            processing_class=processing_class,
+            data_cfg=cfg.data,
+            batch_size=cfg.eval.batch_size,
+            max_new_tokens=cfg.eval.max_new_tokens,
+        )
         direct[step] = evaluation.evaluate_backend(backend, rows, ecfg)
     names = "greedy_accuracy sampled_accuracy format_rate mean_completion_tokens pass@1 pass@2 maj@2".split()
     for step in seen:

@@ -240,7 +240,13 @@ def evaluate_live(trainer, rows: list[dict], cfg) -> dict:
     ):
         was_training = model.training
         e = cfg.eval
-        backend = generation.HFBackend(model, trainer.processing_class, cfg.data, e.batch_size, e.max_new_tokens)
+        backend = generation.HFBackend(
+            model=model,
+            processing_class=trainer.processing_class,
+            data_cfg=cfg.data,
+            batch_size=e.batch_size,
+            max_new_tokens=e.max_new_tokens,
+        )
         shared = SharedGeneration(backend, acc.num_processes, acc.process_index)
         try:
             return evaluation.evaluate_backend(shared, rows, cfg)
