@@ -75,6 +75,7 @@ def main(run_dir: Path, out: Path, stage: str = "02_rl") -> None:
         output_dir=str(out.parent / "plain_ckpt"),
         report_to=[],
         save_strategy="no",
+        disable_tqdm=True,  # transformers' PrinterCallback: a TRL script's plain console
         reward_weights=[cfg["reward"][k]["weight"] for k in ("accuracy", "format")],
     )
     trainer = GRPOTrainer(

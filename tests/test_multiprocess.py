@@ -4,6 +4,7 @@ checks of GPU-only hardware settings."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ from reinforce_cot.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 SFT = ("recipe=single", "algo=sft", "reward=none", "debug=smoke")
+# 5 prompts, 2 processes: shares of 3 and 2; at 2 completions per generate call, 2 calls vs 1 unless padded
+EVAL = ("eval.every_steps=2", "eval.during_train_prompts=5", "eval.batch_size=2")
 
 
 def _check_two_ranks_one_writer(run, distributed_type: str):
@@ -26,6 +29,8 @@ def _check_two_ranks_one_writer(run, distributed_type: str):
     assert res["distributed_type"] == distributed_type
     console = run.stdout + run.stderr
     assert "process rank 0 of 2" in console and "process rank 1 of 2" in console
+    progress = re.findall(r"\[rank (\d)\].*\[01_sft\] step \d+/4 ", console)  # progress lines (no terminal)
+    assert progress and set(progress) == {"0"}  # drawn by rank 0 alone
     log = (run.dir / "output.log").read_text()
     assert "[rank 0]" in log and "[rank 1]" not in log  # rank 1 logs to the console only
     assert "starting 2 processes" in log and f"hydra.run.dir={run.dir}" in log  # both children in THIS run dir
@@ -41,9 +46,21 @@ def _check_two_ranks_one_writer(run, distributed_type: str):
     assert (run.dir / "result/summary.json").is_file()  # the evaluate stage ran (on rank 0)
 
 
+def _check_eval_during_training(run, sid="01_sft"):
+    """Both processes generated their share of the 5 prompts (3 + 2, padded to 3) and got back all of them:
+    evaluations at step 0, 2 and 4, instead of a hang where one process waits in a collective (ZeRO-3's
+    synced generate) that the other skipped."""
+    history = run.result(f"{sid}.json")["log_history"]
+    evals = [h for h in history if "eval_greedy_accuracy" in h]
+    assert [h["step"] for h in evals] == [0, 2, 4]
+    assert all(0 < h["eval_mean_completion_tokens"] <= 40 and "eval_pass@2" in h for h in evals)
+
+
 @pytest.mark.slow  # ~35 s: a parent and two child interpreters each import torch + transformers
 def test_ddp2_runs_two_gloo_processes_and_only_rank0_writes(train):
-    _check_two_ranks_one_writer(train(*SFT, "hardware=cpu_ddp2"), "MULTI_CPU")
+    run = train(*SFT, "hardware=cpu_ddp2", *EVAL)
+    _check_two_ranks_one_writer(run, "MULTI_CPU")
+    _check_eval_during_training(run)
 
 
 @pytest.mark.slow
@@ -111,9 +128,15 @@ def test_deepspeed_zero3_with_lora_merges_and_evaluates_on_rank0(train):
     # so rank 0 loading the base to merge the adapter, or a model to evaluate, hung while rank 1 waited
     # at the barrier (hardware.local_loading lifts that for rank-0-only work).
     run = train(
-        *SFT, "hardware=cpu_zero2", "peft=lora", "algo.args.deepspeed=${rc.conf:deepspeed/zero3.json}", timeout=600
+        *SFT,
+        "hardware=cpu_zero2",
+        "peft=lora",
+        "algo.args.deepspeed=${rc.conf:deepspeed/zero3.json}",
+        *EVAL,  # ZeRO-3: generate is a collective (synced_gpus) over parameters gathered for it
+        timeout=600,
     )
     assert run.returncode == 0, run
+    _check_eval_during_training(run)
     res = run.result("01_sft.json")
     assert res["ranks"] == [0, 1] and res["distributed_type"] == "DEEPSPEED"
     assert (run.dir / "ckpt/01_sft/merged/model.safetensors").is_file()

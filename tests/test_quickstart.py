@@ -23,7 +23,10 @@ def test_quickstart_end_to_end(train):
     assert rows["01_sft"]["format_rate"] >= 0.9
     assert rows["01_sft"]["greedy_acc"] > 0.3
     assert all(0 <= r["sampled_acc"] <= 1 for r in rows.values())
-    assert run.result("02_rl.json")["global_step"] == 8
+    rl = run.result("02_rl.json")
+    assert rl["global_step"] == 8
+    # the quickstart evaluates its RL stage while it trains (every 50 steps, so here at step 0 only)
+    assert [h["step"] for h in rl["log_history"] if "eval_greedy_accuracy" in h] == [0]
     table = (run.dir / "result" / "summary.md").read_text()
     assert "| 02_rl " in table and "greedy_acc" in table
     assert "02_rl" in run.stdout + run.stderr  # the table is printed

@@ -64,3 +64,21 @@ def test_vlm_generates_from_an_image_and_lm_from_text():
     with torch.no_grad():
         logits = lm(**tok(["What is 1 + 2?"], return_tensors="pt")).logits
     assert logits.shape[-1] == len(tok)
+
+
+def test_trainer_finds_the_model_and_tokenizer_special_tokens_aligned():
+    # transformers' Trainer aligns the model's eos/pad/bos with the tokenizer's and warns when it changed
+    # something. Qwen2.5-VL's config keeps them in text_config only, so every VLM stage used to warn and
+    # append the EOS id to generation_config again ([2] -> [2, 2] -> ...).
+    from unittest import mock
+
+    from transformers import trainer_utils
+
+    for name in ("tiny_vlm", "tiny_lm"):
+        cfg = _cfg(name)
+        path = str(tiny.build(cfg))
+        model, processing_class = models.load_model(path, cfg), models.load_processing_class(path, cfg)
+        with mock.patch.object(trainer_utils.logger, "warning") as warning:
+            trainer_utils.align_special_tokens(model, processing_class)
+        assert not warning.called, (name, warning.call_args)
+        assert model.generation_config.eos_token_id in (2, [2])

@@ -4,12 +4,13 @@ a complete run dir."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from reinforce_cot import tiny, training
+from reinforce_cot import runs, tiny, training
 
 
 def _changed(before, after) -> list[str]:
@@ -29,8 +30,19 @@ def _assert_run_dir(run, sid):
     assert (final / "model.safetensors").is_file() and not list(final.glob("*.bin"))
     assert list((d / "tensorboard" / sid).glob("events.out.tfevents.*"))
     assert (d / "result" / f"{sid}.json").is_file() and (d / "result" / "summary.json").is_file()
-    assert "[" + sid + "] done" in (d / "output.log").read_text()
+    log = (d / "output.log").read_text()
+    assert re.search(rf"\[{sid}\] done: \d+ steps in \d+ s \|.* loss [-\d.e]+ ", log)  # the summary line
+    assert f"[reinforce_cot.metrics][INFO] - [{sid}] step 4/4 {{" in log  # every logged dict, as JSON
+    _assert_quiet_console(run.stdout + run.stderr)
     return final
+
+
+def _assert_quiet_console(console: str):
+    """Progress lines only: no raw metric dicts, no per-save/per-load bars, no special-token warning."""
+    assert "{'loss'" not in console and '"loss":' not in console  # the dicts go to output.log only
+    assert "[reinforce_cot.callbacks][INFO]" in console  # the progress lines (no terminal here: lines, no bar)
+    for noise in ("Writing model shards", "Loading weights", "new PAD/BOS/EOS tokens", "\r"):
+        assert noise not in console, noise
 
 
 def test_sft_smoke(train):
@@ -54,12 +66,17 @@ def test_rl_smoke_from_sft(train, sft_checkpoint, algo):
         "debug=smoke",
         f"model.init_from={sft_checkpoint}",
         "algo.args.max_steps=4",
+        "eval.every_steps=2",
     )
     assert run.returncode == 0, run
     final = _assert_run_dir(run, f"01_{algo}")
     assert _changed(sft_checkpoint, final)
-    logged = {k for h in run.result(f"01_{algo}.json")["log_history"] for k in h}
+    history = run.result(f"01_{algo}.json")["log_history"]
+    logged = {k for h in history for k in h}
     assert {"rewards/accuracy/mean", "rewards/format/mean"} <= logged  # each component on its own
+    # evaluation during RL (tests/test_callbacks.py checks its values): at step 0, 2 and 4, in TensorBoard too
+    assert [h["step"] for h in history if "eval_pass@2" in h] == [0, 2, 4]
+    assert [s for s, _ in runs.scalars(run.dir, "eval/pass@2")[f"01_{algo}"]] == [0, 2, 4]
     trl_args = json.loads((final / "training_args.json").read_text())  # what TRL really ran with
     assert trl_args["importance_sampling_level"] == ("sequence" if algo == "gspo" else "token")
 

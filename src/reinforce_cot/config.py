@@ -52,6 +52,9 @@ def validate(cfg) -> None:
         rejection.validate(cfg)
     if cfg.eval.k < 0:
         raise ConfigError(f"eval.k={cfg.eval.k} must be >= 0 (samples per prompt; 0 skips sampled metrics)")
+    from reinforce_cot import callbacks
+
+    callbacks.validate(cfg)  # eval.every_steps, eval.during_train_prompts
     if a.kind == "rl":
         _validate_rl(cfg)
         from reinforce_cot import dynamic_sampling

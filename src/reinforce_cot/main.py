@@ -35,12 +35,19 @@ CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def _route_library_logs() -> None:
-    """Send transformers/TRL logs through the root logger so they land in output.log too."""
+    """Send transformers/TRL logs through the root logger so they land in output.log too; no transformers
+    bars ("Loading weights", "Writing model shards" at every checkpoint): a stage shows one bar of its own
+    (reinforce_cot.callbacks). Hub downloads keep theirs (drawn on a terminal only)."""
+    import huggingface_hub.utils
     import transformers
 
     transformers.utils.logging.disable_default_handler()
     transformers.utils.logging.enable_propagation()
     transformers.utils.logging.set_verbosity_warning()
+    hub_bars = not huggingface_hub.utils.are_progress_bars_disabled()
+    transformers.utils.logging.disable_progress_bar()  # also the hub's ...
+    if hub_bars:  # ... which downloads keep, unless HF_HUB_DISABLE_PROGRESS_BARS=1
+        huggingface_hub.utils.enable_progress_bars()
 
 
 class JobFailed(RuntimeError):

@@ -143,6 +143,21 @@ def load_model(path: str, model_cfg, dtype: str | None = None, **kwargs):
     dtype = dtype or model_cfg.dtype
     dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
     model = auto.from_pretrained(path, dtype=dtype, attn_implementation=model_cfg.attn_implementation, **kwargs)
+    _special_tokens_at_top(model.config)
     n = sum(p.numel() for p in model.parameters())
     log.info("loaded %s from %s: %.2f M parameters", type(model).__name__, path, n / 1e6)
     return model
+
+
+def _special_tokens_at_top(config) -> None:
+    """Give a composite (VLM) config the eos/pad/bos ids of its text config at the top level.
+
+    transformers 5's Qwen2.5-VL config keeps them only in `text_config` (a saved top-level value is dropped
+    on load), while the Trainer compares the top level with the tokenizer: every VLM stage warned "The
+    tokenizer has new PAD/BOS/EOS tokens ..." and appended the EOS id to generation_config once more."""
+    text = config.get_text_config()
+    if text is config:
+        return
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(config, key, None) is None and getattr(text, key, None) is not None:
+            setattr(config, key, getattr(text, key))

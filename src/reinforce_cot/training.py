@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 
 from reinforce_cot import (
     adapters,
+    callbacks,
     dynamic_sampling,
     hardware,
     models,
@@ -103,6 +104,7 @@ def train_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: dict | None
         log.info("[%s] dynamic sampling: %s", sid, dict(cfg.algo.dynamic_sampling))
     trainer = make_trainer(**kwargs)
     parts.install_lr_multipliers(trainer, cfg)
+    callbacks.attach(trainer, cfg, sid, splits["test"])  # progress bar, metrics to output.log, eval during training
     log.info("[%s] %s", sid, adapters.describe_trainable(trainer.model))
     if cfg.algo.kind == "preference" or cfg.algo.args.get("beta"):
         ref = getattr(trainer, "ref_model", None)
@@ -149,6 +151,7 @@ def train_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: dict | None
     if trainer.is_world_process_zero():
         write_json(run_dir / "result" / f"{sid}.json", summary)
     preemption.stage_done()  # a signal after the last step: requeue now (this stage is done)
-    log.info("[%s] done: %d steps in %.0f s -> %s", sid, trainer.state.global_step, summary["wall_seconds"], final)
+    numbers = callbacks.summary(trainer.state, callbacks.progress_keys(cfg), summary["wall_seconds"])
+    log.info("[%s] done: %s -> %s", sid, numbers, final)
     hardware.release_trainer(trainer)  # DeepSpeed engine, colocated vLLM; the rest goes with the stage (stage_scope)
     return summary
