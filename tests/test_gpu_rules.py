@@ -10,7 +10,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-import pretend_gpu
+from tests import pretend_gpu
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -86,7 +86,7 @@ def test_7b_full_fine_tuning_on_2xa100_is_refused_with_the_fixes_that_fit(gpu_bo
     msg = str(e.value)
     assert f"needs at least {total:.1f} GiB per GPU of 80.0" in msg
     assert f"weights {2 * p / GiB:.1f} + grads {p / GiB:.1f} + optimizer {6 * p / GiB:.1f} + vLLM 24.0" in msg
-    assert "fits with peft=lora or 'algo.args.deepspeed=${rc.conf:deepspeed/zero3_offload.json}'" in msg
+    assert "fits with peft=lora or deepspeed=zero3_offload" in msg
     assert "\n" not in msg
 
 
