@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import CONF, ROOT, run_train, slurm_skip_reason
+from tests.helpers import ROOT, hydra_on_conf, run_train, slurm_skip_reason
 
 # Fixtures that train a model: a test asking for one is end-to-end, so it must be marked slow.
 TRAINING_FIXTURES = {"sft_checkpoint", "sft_text_checkpoint"}
@@ -58,9 +58,7 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture
 def hydra_ctx():
     """Hydra's global state initialised on conf/, for tests that call `compose` or `recipes.compose_stages`."""
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with hydra_on_conf():
         yield
 
 

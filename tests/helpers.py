@@ -14,6 +14,7 @@ Import them as `from tests.helpers import ...` (tests/ is a package, so no sys.p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -29,11 +30,24 @@ CONF = ROOT / "conf"
 
 
 # ------------------------------------------------------------------------------------------------- configs
+@contextlib.contextmanager
+def hydra_on_conf():
+    """Hydra's global state initialised on conf/ (what `compose` needs), unless a caller already did."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():  # inside the hydra_ctx fixture
+        yield
+        return
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield
+
+
 def compose_cfg(*overrides: str, config_name: str = "train", return_hydra_config: bool = False):
     """conf/<config_name>.yaml composed with `overrides`, as the command line would."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose
 
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with hydra_on_conf():
         return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
@@ -80,8 +94,9 @@ def assert_every_tensor_moved(before, after, keys=None) -> None:
 class Run:
     """A finished `python train.py` call (or an in-process run): exit code, output, and its run dir."""
 
-    def __init__(self, returncode: int, stdout: str, stderr: str, run_dir: Path | None):
+    def __init__(self, returncode: int, stdout: str, stderr: str, run_dir: Path | None, results: dict | None = None):
         self.returncode, self.stdout, self.stderr, self.dir = returncode, stdout, stderr, run_dir
+        self.results = results  # in process: what recipes.run returned, per stage
 
     @classmethod
     def found_under(cls, proc: subprocess.CompletedProcess, root: Path) -> Run:
@@ -119,15 +134,12 @@ def run_in_process(tmp_path: Path, *overrides: str) -> Run:
     """The recipe of `python train.py <overrides>` run here, as main runs it (recipes.run: compose, validate,
     provenance, every stage, summary) into `<tmp_path>/run`. No output.log (Hydra's logging is the CLI's): read
     the log with caplog. Bad input raises ConfigError instead of exiting 2."""
-    from hydra import compose, initialize_config_dir
-
     from reinforce_cot import recipes
 
     run_dir = tmp_path / "run"
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):  # recipes compose each stage too
-        cfg = compose(config_name="train", overrides=list(overrides))
-        recipes.run(cfg, run_dir, list(overrides))
-    return Run(0, "", "", run_dir)
+    with hydra_on_conf():  # recipes compose each stage too
+        results = recipes.run(compose_cfg(*overrides), run_dir, list(overrides))
+    return Run(0, "", "", run_dir, results)
 
 
 def kill_at_checkpoint(tmp_path: Path, pattern: str, *overrides: str, env: dict | None = None) -> Path:

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from reinforce_cot import adapters, config, data, merge, models, parts, tiny
 from reinforce_cot.errors import ConfigError
 from tests.helpers import ROOT, assert_every_tensor_moved, compose_cfg, run_in_process, run_train
+
 # fp32 on CPU: the merged W + s*B@A and the adapter's x@W + s*(x@A)@B differ only by rounding (measured
 # max |diff| 3e-7 on logits of size ~1, while the adapter moves logits by ~0.3 against the base)
 LOGIT_ATOL = 1e-5
@@ -117,7 +118,10 @@ def test_weight_averaging_with_weights(lora_run, tmp_path):
 
 
 def test_averaging_different_architectures_is_an_error(tmp_path):
-    vlm, lm = tiny.build(compose_cfg("recipe=single").model), tiny.build(compose_cfg("recipe=single", "model=tiny_lm").model)
+    vlm, lm = (
+        tiny.build(compose_cfg("recipe=single").model),
+        tiny.build(compose_cfg("recipe=single", "model=tiny_lm").model),
+    )
     with pytest.raises(ConfigError, match="have different architectures .*Qwen2ForCausalLM"):
         merge.average([vlm, lm], None, tmp_path / "x")
     with pytest.raises(ConfigError, match=r"merge.weights=\[1.0\]: give one non-negative weight per checkpoint"):

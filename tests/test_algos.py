@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from reinforce_cot import data, preference
 from reinforce_cot.errors import ConfigError
-from tests.helpers import CONF, assert_every_tensor_moved, changed_tensors, compose_cfg, run_in_process
+from tests.helpers import CONF, assert_every_tensor_moved, changed_tensors, run_in_process
 
 MODELS = {
     "tiny_vlm": {"rl": [], "preference": ["data=shapes_count_pref"]},
@@ -22,7 +22,9 @@ MODELS = {
 @pytest.mark.parametrize("model", list(MODELS))
 def test_rloo_smoke(tmp_path, sft_checkpoint, sft_text_checkpoint, model):
     start = sft_checkpoint if model == "tiny_vlm" else sft_text_checkpoint
-    run = run_in_process(tmp_path, "recipe=single", "algo=rloo", "debug=smoke", f"model.init_from={start}", *MODELS[model]["rl"])
+    run = run_in_process(
+        tmp_path, "recipe=single", "algo=rloo", "debug=smoke", f"model.init_from={start}", *MODELS[model]["rl"]
+    )
     final = run.dir / "ckpt" / "01_rloo" / "final"
     assert_every_tensor_moved(start, final)
     history = run.result("01_rloo.json")["log_history"]
@@ -37,7 +39,9 @@ def test_rloo_smoke(tmp_path, sft_checkpoint, sft_text_checkpoint, model):
 def test_dpo_smoke(tmp_path, caplog, sft_checkpoint, sft_text_checkpoint, model):
     start = sft_checkpoint if model == "tiny_vlm" else sft_text_checkpoint
     caplog.set_level("INFO")
-    run = run_in_process(tmp_path, "recipe=single", "algo=dpo", "debug=smoke", f"model.init_from={start}", *MODELS[model]["preference"])
+    run = run_in_process(
+        tmp_path, "recipe=single", "algo=dpo", "debug=smoke", f"model.init_from={start}", *MODELS[model]["preference"]
+    )
     final = run.dir / "ckpt" / "01_dpo" / "final"
     assert_every_tensor_moved(start, final)  # on tiny_vlm: the images reached the model, the vision tower moved too
     if model == "tiny_vlm":

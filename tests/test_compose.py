@@ -10,7 +10,7 @@ from omegaconf import OmegaConf, open_dict
 
 from reinforce_cot import recipes
 from reinforce_cot.errors import ConfigError
-from tests.helpers import CONF, compose_cfg
+from tests.helpers import CONF
 
 # Where an option needs a value the user must give (`???`), the value the composition test gives it.
 REQUIRED = {

@@ -47,7 +47,10 @@ UNVALIDATABLE = [
     (re.compile(r"(?<![\w.])(\.\.\.|…)(?![\w.])"), "elides arguments (...)"),
     (re.compile(r"(^|\s)resume="), "resumes a run dir that exists only after a run"),
     (re.compile(r"<[^>]*>"), "a <placeholder> the reader fills in"),
-    (re.compile(r"\$(?!\{(rc|oc)\.)\{?[A-Za-z_]\w*"), "a $shell variable"),  # ${oc.env:...}, ${rc....}: Hydra's resolvers, validated
+    (
+        re.compile(r"\$(?!\{(rc|oc)\.)\{?[A-Za-z_]\w*"),
+        "a $shell variable",
+    ),  # ${oc.env:...}, ${rc....}: Hydra's resolvers, validated
 ]
 # a placeholder in these keys is given a real value, so the rest of the command is still validated
 CHECKPOINT_PLACEHOLDER = re.compile(r"^(model\.init_from)=(.*(<[^>]*>|\$\{?[A-Za-z_]\w*).*)$")

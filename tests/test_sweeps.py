@@ -19,25 +19,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_sweep
 
 from reinforce_cot import rundir, runs
+from tests.helpers import run_sweep
 
 pytestmark = pytest.mark.slurm
 
 TINY = ("recipe=single", "algo=sft", "debug=smoke", "hardware=slurm_cpu")
 STEPS = 4  # debug=smoke's max_steps
 ROWS, BATCH = 96, 16  # debug=smoke's data.train.n and per_device_train_batch_size
-
-
-@pytest.fixture
-def slurm(slurm_cluster, tmp_path):
-    """The cluster's client environment; jobs a test leaves behind (driver killed by a timeout) are cancelled."""
-    yield slurm_cluster
-    out = subprocess.run(["squeue", "-h", "-o", "%i %Z"], env=slurm_cluster, capture_output=True, text=True).stdout
-    mine = [job for job, _, workdir in (line.partition(" ") for line in out.splitlines()) if workdir == str(tmp_path)]
-    if mine:
-        subprocess.run(["scancel", *mine], env=slurm_cluster)
 
 
 def sacct_states(env, job_id: str, timeout: float = 60) -> list[str]:
@@ -165,7 +155,9 @@ def test_failed_and_killed_jobs_leave_the_others_results(slurm, tmp_path):
     assert (sweep.job(0) / "backup" / "jobs.txt").read_text() == done_before  # job 0 did not run
     assert len(jobs_txt(sweep.job(1))) == 2  # started once per run of the sweep
     assert sweep.result(2, "01_sft.json")["global_step"] == STEPS and runs.status(sweep.job(2)) == "ok"
-    assert list(sweep.job(1).glob("backup/rerun-*/FAILED")) and runs.status(sweep.job(1)) == "failed"  # failed before it started
+    assert (
+        list(sweep.job(1).glob("backup/rerun-*/FAILED")) and runs.status(sweep.job(1)) == "failed"
+    )  # failed before it started
     rows = sweep_table(sweep.dir)
     assert [(r["job"], r["slurm state"], r["result"].split(":")[0]) for r in rows] == [
         ("0", "COMPLETED", "ok (done before)"),
