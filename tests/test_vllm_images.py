@@ -17,7 +17,7 @@ from PIL import Image
 
 from reinforce_cot import data as data_lib
 from reinforce_cot import images as images_lib
-from reinforce_cot import models, rewards, training, vllm_images
+from reinforce_cot import hardware, models, rewards, training, vllm_images
 from tests.helpers import compose_cfg
 
 HUB_MAX_PIXELS = 12845056  # Qwen2.5-VL's preprocessor_config.json on the hub: what vLLM uses unless told otherwise
@@ -130,6 +130,10 @@ def fake_vllm(monkeypatch):
     RecordingLLM.prompts = []
     RecordingServer.requests = []
     RecordingServer.images = []
+    # TRL's colocated vLLM sets RANK/WORLD_SIZE/MASTER_* and starts a process group of one: undone after the test,
+    # as after a stage, or the next TrainingArguments in this process sets up torch.distributed from them
+    with hardware.stage_scope("vllm_images test"):
+        yield
 
 
 def _trainer(algo: str, mode: str, mixin: bool, rows):
