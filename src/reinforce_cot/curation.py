@@ -32,7 +32,7 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from reinforce_cot import data, rewards
+from reinforce_cot import data, reasoning, rewards
 from reinforce_cot.rundir import write_json
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,8 @@ def bucket(pass_rate: float, edges: list[float]) -> int:
 
 
 def answered_without_reasoning(text: str, gold: str, max_reasoning_chars: int | None) -> bool:
-    """A correct answer that came (nearly) without reasoning.
+    """A correct answer that came (nearly) without reasoning: at most `max_reasoning_chars` characters of
+    reasoning (reasoning.chain; None: any).
 
     >>> answered_without_reasoning("<answer>3</answer>", "3", 20)
     True
@@ -57,7 +58,7 @@ def answered_without_reasoning(text: str, gold: str, max_reasoning_chars: int | 
     """
     if not rewards.answers_match(rewards.extract_answer(text), gold):
         return False
-    return max_reasoning_chars is None or len(rewards.reasoning_text(text)) <= max_reasoning_chars
+    return max_reasoning_chars is None or len(reasoning.chain(text)) <= max_reasoning_chars
 
 
 def measure(backend, rows: list[dict], cc, out_dir: Path, split: str) -> list[dict]:
