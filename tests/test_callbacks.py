@@ -155,8 +155,8 @@ def test_eval_during_training_logs_what_a_direct_evaluation_of_the_same_weights_
             model=model,
             processing_class=processing_class,
             data_cfg=cfg.data,
-            batch_size=cfg.eval.batch_size,
-            max_new_tokens=cfg.eval.max_new_tokens,
+            batch_size=cfg.generation.batch_size,
+            max_new_tokens=cfg.generation.max_new_tokens,
         )
         direct[step] = evaluation.evaluate_backend(backend, rows, ecfg)
     names = "greedy_accuracy sampled_accuracy format_rate mean_completion_tokens pass@1 pass@2 maj@2".split()

@@ -22,14 +22,14 @@ import httpx
 import pytest
 from hydra import compose, initialize_config_dir
 
-from reinforce_cot import generation, recipes, tiny
+from reinforce_cot import generation, images, recipes, tiny
 from reinforce_cot.generation import GenerationError
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVER = ROOT / "tests" / "chat_server.py"
-# Fast failure for tests: 2 retries 50 ms apart instead of 5 from 1 s (the production defaults).
-FAST = ["generation.max_retries=2", "generation.backoff_s=0.05", "generation.timeout_s=60"]
-SHORT = "eval.max_new_tokens=8"  # the failure tests need answers, not long ones (the random model rambles)
+# Fast failure for tests: 2 retries (the SDK waits ~0.5 s, then ~1 s) instead of 5 (the production default).
+FAST = ["generation.max_retries=2", "generation.timeout_s=60"]
+SHORT = "generation.max_new_tokens=8"  # the failure tests need answers, not long ones (the random model rambles)
 
 
 def free_port() -> int:
@@ -118,7 +118,7 @@ def test_vlm_server_matches_local_generation(sft_checkpoint, tmp_path):
         sys.path.insert(0, str(SERVER.parent))
         from chat_server import decode_image
 
-        sent = decode_image(generation.image_data_url(rows[0]["images"][0]))
+        sent = decode_image(images.data_url(rows[0]["images"][0]))
         assert sent.tobytes() == rows[0]["images"][0].tobytes()  # the data URL carries the exact pixels
         lines = [json.loads(x) for x in out.read_text().splitlines()]
         assert len(lines) == 8 and {x["status"] for x in lines} == {"ok"}

@@ -30,7 +30,7 @@ def cfg_for(*overrides: str):
 
 
 def test_generation_model_goes_to_this_ranks_gpu(monkeypatch):
-    cfg = cfg_for("eval.max_new_tokens=4")
+    cfg = cfg_for("generation.max_new_tokens=4")
     path = str(tiny.build(cfg.model))
     placed = []
     real_load = models.load_model
@@ -95,7 +95,7 @@ def test_greedy_ignores_a_checkpoints_generation_defaults(sft_checkpoint, tmp_pa
             | {"repetition_penalty": 1.8, "no_repeat_ngram_size": 2, "top_k": 1, "top_p": 0.1, "do_sample": True}
         )
     )
-    cfg = cfg_for("eval.max_new_tokens=24", "eval.batch_size=8")
+    cfg = cfg_for("generation.max_new_tokens=24", "generation.batch_size=8")
     rows = images.capped(data.from_rows(data.shapes_rows(8, seed=7, image_size=64)), None)  # the row contract
     out = {}
     for name, path in (("clean", sft_checkpoint), ("polluted", polluted)):

@@ -26,13 +26,12 @@ backend with `.generate(rows, n, temperature, template)`).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from reinforce_cot import data, reasoning, rewards
+from reinforce_cot import data, generation, reasoning, rewards
 from reinforce_cot.rundir import write_json
 
 log = logging.getLogger(__name__)
@@ -96,7 +95,7 @@ def curate_stage(cfg, run_dir: Path, sid: str, splits: dict, results: dict | Non
     """Measure, filter and write the curated dataset; returns (and writes) the report."""
     import torch
 
-    from reinforce_cot import generation, models
+    from reinforce_cot import models
 
     t0 = time.time()
     cc = cfg.curate
@@ -130,7 +129,7 @@ def _curate(cfg, cc, backend, splits: dict, out_dir: Path, sid: str, path: str) 
         measured = measure(backend, rows, cc, out_dir, split)
         kept, added, dropped, examples = [], defaultdict(list), Counter(), defaultdict(list)
         by_source = defaultdict(list)
-        audit = (out_dir / f"{split}_samples.jsonl").open("w")  # every sample, to check the numbers by hand
+        audit = []  # every sample, to check the numbers by hand
         for i, (row, m) in enumerate(zip(data.text_rows(rows), measured)):
             by_source[str(row.get("difficulty"))].append(m["pass_rate"])
             reason = None
@@ -140,7 +139,7 @@ def _curate(cfg, cc, backend, splits: dict, out_dir: Path, sid: str, path: str) 
                 reason = "easy_to_hack"  # answered right without reasoning within hack_tries
             elif not lo <= m["pass_rate"] <= hi:
                 reason = "pass_rate_outside_keep_range"
-            audit.write(json.dumps({"id": row.get("id"), "answer": row["answer"], **m, "dropped": reason}) + "\n")
+            audit.append({"id": row.get("id"), "answer": row["answer"], **m, "dropped": reason})
             if reason:
                 dropped[reason] += 1
                 if len(examples[reason]) < 5:
@@ -156,7 +155,7 @@ def _curate(cfg, cc, backend, splits: dict, out_dir: Path, sid: str, path: str) 
             added["pass_rate"].append(m["pass_rate"])
             added["difficulty"].append(bucket(m["pass_rate"], list(cc.buckets)))
             added["hack_correct"].append(m["hack_correct"])
-        audit.close()
+        generation.write_jsonl(out_dir / f"{split}_samples.jsonl", audit)
         files[split] = (rows.select(kept), dict(added) or {k: [] for k in ("pass_rate", "difficulty", "hack_correct")})
         counts = Counter(added["difficulty"])
         report["splits"][split] = {

@@ -270,10 +270,10 @@ def evaluate_backend(backend, rows: list[dict], cfg, out_dir: str | Path | None 
         {k: r[k] for k in ("id", "question", "answer", "completion", "correct")} for r in records[:20]
     ]
     if folder is not None:
-        from reinforce_cot import report, rundir
+        from reinforce_cot import generation, report, rundir
 
         folder.mkdir(parents=True, exist_ok=True)
-        report.write_jsonl(folder / "samples.jsonl", records)
+        generation.write_jsonl(folder / "samples.jsonl", records)
         metrics["plots"] = report.plots(metrics, records, folder)
         metrics["html"] = str(report.html(records, rows, folder / "samples.html", label, e.get("html_samples", 12)))
         full = {"label": label, "metrics": metrics, "config": OmegaConf.to_container(cfg, resolve=True)}
