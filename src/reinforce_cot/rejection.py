@@ -216,9 +216,7 @@ def _report(rows, per_prompt, counts, sft, dpo, lengths, reward_sums, rcfg, gen_
         "mean_length_wrong": mean(lengths["wrong"]),
         "reward_means": {k: mean(v) for k, v in reward_sums.items()},
         "generation_seconds": round(gen_s, 1),
-        "files": {
-            name: str(out_dir / name) for name in ("sft.parquet", "dpo.parquet", "test.parquet", "generations.jsonl")
-        },
+        "files": {name: str(out_dir / name) for name in ("sft", "dpo", "README.md", "generations.jsonl")},
         "per_prompt": per_prompt,
     }
 

@@ -6,7 +6,7 @@ top_k/top_p), so that hf and vllm score the same. Prompts go in batches of `batc
 each batch seeded from its own content: the samples do not depend on what ran before or on how many
 ranks share the work. In a multi-process run the ranks share the batches (reinforce_cot.sharded).
 
-    python train.py recipe=kimi generation.batch_size=32     # the curate stage generates with hf
+    python train.py recipe=kimi generation.max_new_tokens=512 generation.batch_size=16   # every stage that generates
 """
 
 from __future__ import annotations
