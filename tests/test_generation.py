@@ -23,6 +23,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from reinforce_cot import generation, images, recipes, tiny
+from reinforce_cot.errors import ConfigError
 from reinforce_cot.generation import GenerationError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,3 +221,10 @@ def test_evaluate_cli_launches_its_own_server(sft_checkpoint, tmp_path):
     with pytest.raises(httpx.ConnectError):  # stopped afterwards
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
     assert "| 01_sft" in proc.stdout.replace(run_dir.name + "/", "")  # the table, printed
+
+
+def test_a_generation_target_that_is_not_a_backend_is_one_clear_error():
+    cfg = cfg_for("generation._target_=reinforce_cot.data.from_rows")  # importable, but a function
+    with pytest.raises(ConfigError, match=r"^generation._target_=reinforce_cot.data.from_rows: not an importable"):
+        generation.validate(cfg)
+    generation.validate(cfg_for("generation=openai"))  # each backend's own checks pass on its defaults

@@ -28,22 +28,33 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reinforce_cot.generation.base import Backend, GenerationError, chat_messages
+from reinforce_cot.errors import ConfigError
+from reinforce_cot.generation.base import Backend, GenerationError
 from reinforce_cot.generation.hf import HFBackend
 from reinforce_cot.generation.openai import OpenAIBackend
-from reinforce_cot.generation.store import Store, read_jsonl, row_key, write_jsonl
+from reinforce_cot.generation.store import read_jsonl, write_jsonl
 from reinforce_cot.generation.vllm import VLLMBackend
 
 __all__ = [
-    "Backend", "GenerationError", "HFBackend", "OpenAIBackend", "Store", "VLLMBackend", "backend_class",
-    "chat_messages", "for_model", "load", "load_here", "read_jsonl", "row_key", "validate", "write_jsonl",
+    "Backend", "GenerationError", "HFBackend", "OpenAIBackend", "VLLMBackend", "backend_class", "for_model", "load",
+    "load_here", "read_jsonl", "validate", "write_jsonl",
 ]  # fmt: skip
 
 
 def backend_class(gen_cfg) -> type[Backend]:
-    from hydra.utils import get_class
+    """The class `generation._target_` names (looked up as Hydra does, not called); it must be a Backend."""
+    from hydra.utils import instantiate
 
-    return get_class(gen_cfg._target_)
+    try:
+        cls = instantiate(gen_cfg, _partial_=True).func
+    except Exception:
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise ConfigError(
+            f"generation._target_={gen_cfg._target_}: not an importable generation.Backend subclass; fix the path "
+            "in conf/generation/"
+        )
+    return cls
 
 
 def validate(cfg) -> None:
