@@ -14,7 +14,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from reinforce_cot import adapters, hardware, memory, models, parts  # hardware and parts also register rc.conf / rc.mul
+from reinforce_cot import adapters, hardware, memory, models, parts
 from reinforce_cot.errors import ConfigError
 
 
@@ -46,10 +46,6 @@ def validate(cfg) -> None:
     from reinforce_cot import generation
 
     generation.validate(cfg)  # the backend's packages (vllm) and server settings
-    if (cfg.get("stage") or {}).get("kind") == "rejection_sample":
-        from reinforce_cot import rejection
-
-        rejection.validate(cfg)
     if cfg.eval.k < 0:
         raise ConfigError(f"eval.k={cfg.eval.k} must be >= 0 (samples per prompt; 0 skips sampled metrics)")
     from reinforce_cot import callbacks
@@ -60,11 +56,33 @@ def validate(cfg) -> None:
         from reinforce_cot import dynamic_sampling
 
         dynamic_sampling.validate(cfg)  # algo.dynamic_sampling: GRPO-based trainer, metric names a reward
-    hardware.validate(cfg)  # GPU-only settings (CUDA, vLLM, qlora + vLLM, DeepSpeed), before TRL's bf16 check
+    _validate_qlora(cfg)  # 4-bit weights with what the hardware preset turns on (vLLM, ZeRO-3)
+    hardware.validate(cfg)  # GPU-only settings (CUDA, vLLM, DeepSpeed), before TRL's bf16 check
     _validate_trainer(a)  # TRL's own checks (in the launching parent without a CUDA device: no_cuda_context)
     adapters.validate(cfg)  # peft targets match modules; qlora needs CUDA + bitsandbytes
     parts.validate(cfg)  # model.freeze / optim.lr_multipliers name existing parts
     memory.validate(cfg)  # GPU presets: memory per GPU from the model's config; refuses what cannot fit
+
+
+def _validate_qlora(cfg) -> None:
+    """QLoRA against the hardware preset, before the preset's own checks: a vLLM missing here matters less
+    than one that could not work with 4-bit weights at all."""
+    if not adapters.quantized(cfg):
+        return
+    args, hw = cfg.algo.args, cfg.hardware
+    if args.get("use_vllm"):
+        raise ConfigError(
+            f"peft={cfg.peft.name} with algo.args.use_vllm=true: TRL 1.16 pushes the 4-bit weights to vLLM "
+            "without their quantization state (trl#4973, unfixed in 1.16); add hardware.vllm.use_vllm=false, "
+            "or use peft=lora"
+        )
+    ds = args.get("deepspeed")  # a missing file is hardware.validate's error
+    if ds and (not isinstance(ds, str) or Path(ds).expanduser().is_file()) and hardware.zero(args)[0] == 3:
+        raise ConfigError(
+            f"peft={cfg.peft.name} with ZeRO-3 (hardware={hw.name}): the 4-bit base is loaded whole on each "
+            "GPU (device_map, uint8 storage), which ZeRO-3 cannot partition; use "
+            "'algo.args.deepspeed=${rc.conf:deepspeed/zero2.json}', or peft=lora"
+        )
 
 
 def _validate_trainer(algo) -> None:

@@ -46,13 +46,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 from reinforce_cot import data as data_lib
-from reinforce_cot.errors import ConfigError
+from reinforce_cot.errors import ConfigError, GenerationError
 
 log = logging.getLogger(__name__)
-
-
-class GenerationError(ConfigError):
-    """Generation could not finish (server gone); what was done is on disk and a rerun resumes."""
 
 
 # ------------------------------------------------------------------------------------ helpers

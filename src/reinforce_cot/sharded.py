@@ -6,7 +6,7 @@ processes (hardware=cpu_ddp2, 2xa100, Slurm tasks) the other ranks do not sit id
 evaluation on 8 GPUs takes about an eighth of the time, and no rank waits inside NCCL, whose watchdog
 kills a process after `ddp_timeout` (30 min).
 
-    rank 0: with sharded.leading(): stage(...)              ranks 1..N-1: sharded.follow()
+    rank 0: with sharded.leading(): stage(...)              ranks 1..N-1: sharded.follow(generation.load_here)
       generation.load(cfg, path)   -- load cfg, path -->      generation.load_here(cfg, path)
       backend.generate(rows, n)    -- their batches  -->      generate them; results gathered on rank 0
       backend.close()              -- close          -->      drop the model, free its memory
@@ -57,10 +57,9 @@ def leading():
     _scatter([("end", None)] * hardware.world_size())
 
 
-def follow() -> None:
-    """Ranks > 0: do what rank 0's stage asks (load, generate, close) until it ends."""
-    from reinforce_cot import generation
-
+def follow(load: Callable[..., Any]) -> None:
+    """Ranks > 0: do what rank 0's stage asks (load, generate, close) until it ends. `load(cfg, path)` makes
+    this rank's backend (generation.load_here: passed in, since generation builds on this module)."""
     backend = None
     while True:
         op, arg = _scatter(None)
@@ -72,7 +71,7 @@ def follow() -> None:
             if op == "load":
                 if backend is not None:
                     backend.close()
-                backend = generation.load_here(*arg)
+                backend = load(*arg)
                 reply = None
             elif op == "generate":
                 batches, (n, temperature, template) = arg
