@@ -165,7 +165,8 @@ def test_failed_and_killed_jobs_leave_the_others_results(slurm, tmp_path):
     assert (sweep.job(0) / "backup" / "jobs.txt").read_text() == done_before  # job 0 did not run
     assert len(jobs_txt(sweep.job(1))) == 2  # started once per run of the sweep
     assert sweep.result(2, "01_sft.json")["global_step"] == STEPS and rundir.status(sweep.job(2)) == "ok"
-    assert list(sweep.job(1).glob("backup/rerun-*/FAILED")) and rundir.status(sweep.job(1)) == "failed"  # failed before it started
+    # job 1 failed before it started
+    assert list(sweep.job(1).glob("backup/rerun-*/FAILED")) and rundir.status(sweep.job(1)) == "failed"
     rows = sweep_table(sweep.dir)
     assert [(r["job"], r["slurm state"], r["result"].split(":")[0]) for r in rows] == [
         ("0", "COMPLETED", "ok (done before)"),

@@ -17,7 +17,7 @@ layer must call a higher one, the function is passed in (sharded.follow(load)):
                    id, splits, earlier results) -> summary dict; the kinds are conf/stage/*.yaml
   5. recipes       config (validation of one stage), recipes (compose, validate, load data, run the stages,
                    write result/<stage>.json), runs and sweeps (reading run dirs back)
-  6. entry points  main (python train.py), evaluate, merge's main, launcher (+ hydra_plugins/)
+  6. entry points  main (train.py), evaluate, merge.main, launcher (+ hydra_plugins/)
 
 Importing the package sets OMP_NUM_THREADS=1 on CPU-only machines (unless set; reinforce_cot.hardware
 says why) before anything imports torch, and registers what conf/ needs to compose (reinforce_cot.cli).

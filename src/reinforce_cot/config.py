@@ -1,9 +1,12 @@
 """Validation of a composed stage config: cross-field rules checked before any weights load.
 
-Each rule raises `ConfigError` with one line that names the key and the fix (verl's `???` fields and
-`__post_init__` checks, applied to Hydra configs). TRL's own config checks run too, because the
-trainer config is instantiated here once, and so do the optimizer's (lr, betas, eps, weight decay),
-by building the configured optimizer on a dummy parameter: torch checks them only after the model loads.
+`validate(cfg)` holds the checks every stage gets, whatever its kind (recipes.validate_stage runs it, then
+the kind's own `validate` from conf/stage/<kind>.yaml). Each rule raises `ConfigError` with one line that
+names the key and the fix (verl's `???` fields and `__post_init__` checks, applied to Hydra configs), e.g.
+`error: algo.args.num_generations=3 must divide the generation batch (...); use one of [2, 4, 8, ...]`.
+TRL's own config checks run too, because the trainer config is instantiated here once, and so do the
+optimizer's (lr, betas, eps, weight decay), by building the configured optimizer on a dummy parameter:
+torch checks them only after the model loads.
 """
 
 from __future__ import annotations
@@ -56,33 +59,12 @@ def validate(cfg) -> None:
         from reinforce_cot import dynamic_sampling
 
         dynamic_sampling.validate(cfg)  # algo.dynamic_sampling: GRPO-based trainer, metric names a reward
-    _validate_qlora(cfg)  # 4-bit weights with what the hardware preset turns on (vLLM, ZeRO-3)
-    hardware.validate(cfg)  # GPU-only settings (CUDA, vLLM, DeepSpeed), before TRL's bf16 check
+    # GPU-only settings (CUDA, vLLM, DeepSpeed, what 4-bit weights rule out), before TRL's bf16 check
+    hardware.validate(cfg, quantized=adapters.quantized(cfg))
     _validate_trainer(a)  # TRL's own checks (in the launching parent without a CUDA device: no_cuda_context)
     adapters.validate(cfg)  # peft targets match modules; qlora needs CUDA + bitsandbytes
     parts.validate(cfg)  # model.freeze / optim.lr_multipliers name existing parts
     memory.validate(cfg)  # GPU presets: memory per GPU from the model's config; refuses what cannot fit
-
-
-def _validate_qlora(cfg) -> None:
-    """QLoRA against the hardware preset, before the preset's own checks: a vLLM missing here matters less
-    than one that could not work with 4-bit weights at all."""
-    if not adapters.quantized(cfg):
-        return
-    args, hw = cfg.algo.args, cfg.hardware
-    if args.get("use_vllm"):
-        raise ConfigError(
-            f"peft={cfg.peft.name} with algo.args.use_vllm=true: TRL 1.16 pushes the 4-bit weights to vLLM "
-            "without their quantization state (trl#4973, unfixed in 1.16); add hardware.vllm.use_vllm=false, "
-            "or use peft=lora"
-        )
-    ds = args.get("deepspeed")  # a missing file is hardware.validate's error
-    if ds and (not isinstance(ds, str) or Path(ds).expanduser().is_file()) and hardware.zero(args)[0] == 3:
-        raise ConfigError(
-            f"peft={cfg.peft.name} with ZeRO-3 (hardware={hw.name}): the 4-bit base is loaded whole on each "
-            "GPU (device_map, uint8 storage), which ZeRO-3 cannot partition; use "
-            "'algo.args.deepspeed=${rc.conf:deepspeed/zero2.json}', or peft=lora"
-        )
 
 
 def _validate_trainer(algo) -> None:

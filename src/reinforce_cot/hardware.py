@@ -253,9 +253,10 @@ def cuda_versions() -> str:
     return f"torch {torch.__version__} built for CUDA {built or 'none (a CPU build)'}{need}, NVIDIA driver {driver}"
 
 
-def validate(cfg) -> None:
-    """Settings that need hardware or packages this machine may lack, checked before any weights load
-    (rules that involve other groups as well, such as qlora with vLLM, are reinforce_cot.config's)."""
+def validate(cfg, quantized: bool = False) -> None:
+    """Settings that need hardware or packages this machine may lack, checked before any weights load.
+    `quantized`: the model loads in 4 bits (peft=qlora: reinforce_cot.adapters.quantized), which rules out
+    vLLM and ZeRO-3."""
     args, hw = cfg.algo.args, cfg.hardware
     n = int(hw.num_processes)
     if n < 1:
@@ -277,6 +278,12 @@ def validate(cfg) -> None:
             raise ConfigError(
                 f"algo.args.vllm_mode={args.get('vllm_mode')}: use colocate or server (hardware.vllm.vllm_mode)"
             )
+        if quantized:
+            raise ConfigError(
+                f"peft={cfg.peft.name} with algo.args.use_vllm=true: TRL 1.16 pushes the 4-bit weights to vLLM "
+                "without their quantization state (trl#4973, unfixed in 1.16); add hardware.vllm.use_vllm=false, "
+                "or use peft=lora"
+            )
         if importlib.util.find_spec("vllm") is None:
             raise ConfigError(
                 f"hardware={hw.name} sets use_vllm=true but vllm is not installed; pip install -e '.[gpu]' "
@@ -291,6 +298,12 @@ def validate(cfg) -> None:
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError(
                 f"hardware={hw.name} uses DeepSpeed but it is not installed: pip install deepspeed==0.19.8"
+            )
+        if quantized and zero(args)[0] == 3:
+            raise ConfigError(
+                f"peft={cfg.peft.name} with ZeRO-3 (hardware={hw.name}): the 4-bit base is loaded whole on each "
+                "GPU (device_map, uint8 storage), which ZeRO-3 cannot partition; use "
+                "'algo.args.deepspeed=${rc.conf:deepspeed/zero2.json}', or peft=lora"
             )
 
 

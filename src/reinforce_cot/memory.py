@@ -175,21 +175,21 @@ def estimate(cfg, model, config) -> Estimate:
 
 def _variants(cfg) -> list[tuple[str, object]]:
     """(the override a user would type, the config with it) for each setting that lowers memory per GPU."""
-    from reinforce_cot import adapters, hardware
+    from reinforce_cot import adapters, cli, hardware
 
     out = []
     n = int(cfg.hardware.num_processes)
     if not adapters.enabled(cfg):
         c = cfg.copy()
         with open_dict(c):
-            c.peft = OmegaConf.load(hardware.CONF_DIR / "peft" / "lora.yaml")
+            c.peft = OmegaConf.load(cli.CONF_DIR / "peft" / "lora.yaml")
         out.append(("peft=lora", c))
     stage, off_opt, _ = hardware.zero(cfg.algo.args)
     if n > 1:  # one process does not start DeepSpeed here (no launcher): ZeRO needs a multi-GPU preset
         for name in (["zero3"] if stage < 3 else []) + ([] if off_opt else ["zero3_offload"]):
             c = cfg.copy()
             with open_dict(c):
-                c.algo.args.deepspeed = str(hardware.CONF_DIR / "deepspeed" / f"{name}.json")
+                c.algo.args.deepspeed = str(cli.CONF_DIR / "deepspeed" / f"{name}.json")
             out.append((f"'algo.args.deepspeed=${{rc.conf:deepspeed/{name}.json}}'", c))  # quoted for the shell
     return out
 
