@@ -103,3 +103,16 @@ def test_no_import_cycles():
     if cycle:
         hops = [f"{a} -> {b} ({mods[a].relative_to(PACKAGE.parent)}:{graph[a][b]})" for a, b in zip(cycle, cycle[1:])]
         raise AssertionError("import cycle:\n  " + "\n  ".join(hops))
+
+
+# What every other module may import: process handling, the run-dir layout, the override rule, the entry
+# plumbing and the errors. Orchestration that creeps down into them (validating stages inside
+# hardware.launch) is what made the old cycles, so they may import nothing but each other.
+FOUNDATION = ("errors", "hardware", "rundir", "overrides", "cli")
+
+
+def test_the_foundation_imports_nothing_above_it():
+    graph = imports(modules())
+    allowed = {f"{ROOT}.{m}" for m in FOUNDATION}
+    above = {m: sorted(set(graph[f"{ROOT}.{m}"]) - allowed) for m in FOUNDATION}
+    assert above == {m: [] for m in FOUNDATION}

@@ -123,7 +123,7 @@ def run(recipe: Recipe) -> dict:
             log.info("[%s] already done (%s), skipping", sid, rundir.result(run_dir, sid))
             results[sid] = done
             continue
-        kind = scfg.stage
+        kind = scfg.stage  # conf/stage/<kind>.yaml, with this stage's id and name
         log.info("[%s] start: %s%s", sid, kind.kind, "" if kind.all_ranks else " (on rank 0)")
         splits = _load_checked(scfg, recipe.splits)
         stage_fn = instantiate(kind.run)
