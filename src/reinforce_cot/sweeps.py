@@ -6,10 +6,11 @@
 Running the same sweep again into its sweep dir (`hydra.sweep.dir=`, which the failed sweep prints as
 its rerun command) runs only the jobs whose run dir has not finished (reinforce_cot.rundir.status): failed
 ones (result/FAILED), ones killed or cut short (a stage without its result/<stage>.json), ones that never
-started. Each goes into its own run dir again, `<sweep dir>/<job num>`, where recipes.run resumes it from
-its last checkpoint (or starts it afresh when it failed before it started: the old result/FAILED moves to
-backup/rerun-<time>/). Jobs already done are not submitted. The rerun is refused before anything is submitted when a job's run dir
-was made by different overrides (another sweep's dir) or its Slurm job is still queued or running.
+started. Each goes into its own run dir again, `<sweep dir>/<job num>`, where it resumes from its last
+checkpoint (or starts afresh when it failed before it started: the old result/FAILED moves to
+backup/rerun-<time>/). Jobs already done are not submitted. The rerun is refused before anything is
+submitted when a job's run dir was made by different overrides (another sweep's dir) or its Slurm job is
+still queued or running.
 
 Every launcher (sequential, local, slurm) ends with `finish`: one table row per job of the sweep, done
 earlier or now (job, the overrides that vary between jobs, Slurm job id and its sacct state, result,
