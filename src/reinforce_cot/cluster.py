@@ -167,4 +167,4 @@ def _record_start(run_dir: Path, tasks: Tasks) -> None:
         "nodes": ",".join(tasks.hostnames),
         "log": stdout,
     }
-    rundir.append_line(rundir.backup(run_dir, "jobs.txt"), " ".join(f"{k}={v}" for k, v in fields.items()))
+    rundir.append_line(rundir.jobs_log(run_dir), " ".join(f"{k}={v}" for k, v in fields.items()))

@@ -55,7 +55,7 @@ def plan(cfg: DictConfig, ckpt: str, user_groups: set[str], own_result: Path) ->
     ecfg = cfg.copy()
     with open_dict(ecfg):
         if run_dir is not None:
-            run_cfg = OmegaConf.load(rundir.backup(run_dir, "config.yaml"))
+            run_cfg = OmegaConf.load(rundir.run_config(run_dir))
             if "model" not in user_groups:
                 ecfg.model = run_cfg.model
             if "data" not in user_groups:

@@ -254,13 +254,13 @@ def _record(name: str, action: str, what: str) -> None:
         f"time={time.strftime('%Y-%m-%d %H:%M:%S')} job={job} restart={os.environ.get('SLURM_RESTART_COUNT', '0')} "
         f"signal={name} {_progress()} action={action.replace(' ', '_')} why={what.replace(' ', '_')}\n"
     )
-    rundir.append_line(rundir.backup(run_dir, "preemptions.txt"), line)
+    rundir.append_line(rundir.preemptions_log(run_dir), line)
 
 
 def _stalled_requeues() -> int:
     """How many requeues in a row, counting back from the newest, left the job where it is now."""
     run_dir = _state.run_dir
-    path = rundir.backup(run_dir, "preemptions.txt") if run_dir else None
+    path = rundir.preemptions_log(run_dir) if run_dir else None
     if path is None or not path.is_file():
         return 0
     same, n = f" {_progress()} action=requeue ", 0

@@ -15,7 +15,7 @@
       output.log    the run's log (Hydra's file handler: conf/train.yaml)
 
 Stages are numbered in recipe order so folders sort as they ran. Every path above is made by a function
-here (`ckpt(run_dir, sid)`, `result(run_dir, sid)`, `backup(run_dir, "jobs.txt")`, ...); no other module
+here (`ckpt(run_dir, sid)`, `result(run_dir, sid)`, `jobs_log(run_dir)`, ...); no other module
 spells one out. reinforce_cot.runs reads many run dirs back for comparisons through the same functions.
 
 What a run dir says about its run (`status`; sweep tooling builds on it):
@@ -72,6 +72,21 @@ def backup(run_dir: Path, *names: str) -> Path:
     return Path(run_dir, "backup", *names)
 
 
+def run_config(run_dir: Path) -> Path:
+    """backup/config.yaml: the run's resolved config; it marks a started run (`is_run_dir`)."""
+    return backup(run_dir, "config.yaml")
+
+
+def jobs_log(run_dir: Path) -> Path:
+    """backup/jobs.txt: a line per start of a submitit job (reinforce_cot.cluster), the newest last."""
+    return backup(run_dir, "jobs.txt")
+
+
+def preemptions_log(run_dir: Path) -> Path:
+    """backup/preemptions.txt: a line per signal acted on (reinforce_cot.preemption)."""
+    return backup(run_dir, "preemptions.txt")
+
+
 def ckpt(run_dir: Path, sid: str) -> Path:
     return Path(run_dir, "ckpt", sid)
 
@@ -115,7 +130,7 @@ FAILED = Path("result") / "FAILED"
 
 def is_run_dir(path: Path) -> bool:
     """Whether `path` is a started run dir (backup/config.yaml: see the module docstring)."""
-    return backup(path, "config.yaml").is_file()
+    return run_config(path).is_file()
 
 
 def run_dir_of(path: Path) -> Path | None:
@@ -262,7 +277,7 @@ def write_provenance(run_dir: Path, cfg, overrides: list[str], stage_cfgs: dict)
         OmegaConf.save(scfg, backup(run_dir, "stages", f"{sid}.yaml"), resolve=True)
     # config.yaml marks a run dir as resumable, so it comes after the stage configs a resume reads back: a
     # job preempted in between (Slurm requeue) then starts afresh instead of resuming with stages missing.
-    OmegaConf.save(cfg, backup(run_dir, "config.yaml"), resolve=True)
+    OmegaConf.save(cfg, run_config(run_dir), resolve=True)
     commit = _git("rev-parse", "HEAD").strip() or "unknown (not a git checkout)"
     status_lines = _git("status", "--porcelain")
     backup(run_dir, "git.txt").write_text(f"commit: {commit}\ndirty: {bool(status_lines.strip())}\n{status_lines}")

@@ -105,7 +105,7 @@ def _check_rerun(jobs: list[Job], sweep_dir: Path) -> None:
 
 def _last_slurm_job(run_dir: Path | None) -> str | None:
     """The Slurm job id of the newest start of a job (backup/jobs.txt, reinforce_cot.cluster), if on Slurm."""
-    path = rundir.backup(run_dir, "jobs.txt") if run_dir else None
+    path = rundir.jobs_log(run_dir) if run_dir else None
     if path is None or not path.is_file() or not path.read_text().strip():
         return None
     fields = dict(f.split("=", 1) for f in path.read_text().splitlines()[-1].split(" ") if "=" in f)
