@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import TrainerControl, TrainerState
 
-from reinforce_cot import callbacks, config, evaluation, generation, models, recipes, runs, training
+from reinforce_cot import callbacks, config, data, evaluation, generation, models, runs, training
 
 ROOT = Path(__file__).resolve().parents[1]
 RL_KEYS = {"reward": "reward", "acc": "rewards/accuracy/mean", "len": "completions/mean_length", "loss": "loss"}
@@ -119,7 +119,7 @@ def _compose(*overrides):
 
 def _train(cfg, run_dir: Path, monkeypatch) -> dict:
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", "")  # train_stage sets it: restored after the test
-    return training.train_stage(cfg, run_dir, "01_grpo", recipes.load_splits(cfg.data))
+    return training.train_stage(cfg, run_dir, "01_grpo", data.load_splits(cfg.data))
 
 
 def test_eval_during_training_logs_what_a_direct_evaluation_of_the_same_weights_gives(
@@ -145,7 +145,7 @@ def test_eval_during_training_logs_what_a_direct_evaluation_of_the_same_weights_
     path = models.resolve_path(cfg.model)
     processing_class = models.load_processing_class(path, cfg.model)
     model = models.load_model(path, cfg.model)
-    test = recipes.load_splits(cfg.data)["test"]
+    test = data.load_splits(cfg.data)["test"]
     rows = [test[i] for i in range(6)]
     ecfg = OmegaConf.merge(cfg, {"eval": {"max_prompts": 6, "answer_only_template": None, "consistency": False}})
     direct = {}

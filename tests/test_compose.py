@@ -158,7 +158,7 @@ def test_an_override_a_resume_would_ignore_is_refused(hydra_ctx, tmp_path):
     OmegaConf.save(compose(config_name="train"), run_dir / "backup" / "config.yaml")
     user = [f"resume={run_dir}", "algo.args.max_steps=20"]
     with pytest.raises(ConfigError) as e:
-        recipes.run(compose(config_name="train", overrides=user), run_dir, user)
+        recipes.prepare(compose(config_name="train", overrides=user), run_dir, user)
     assert str(e.value) == (
         f"resume={run_dir} replays the run's own config, so algo.args.max_steps=20 would be ignored; drop it, or "
         f"start a new run from this one's weights (model.init_from={run_dir})"

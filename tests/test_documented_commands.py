@@ -7,7 +7,7 @@ so quoted overrides stay whole); inside inline code (`python train.py ...`) it e
 
 How each is checked, in-process and without training (so all of them take seconds): Hydra's compose API
 builds the config from the command's overrides, `recipes.compose_stages` builds every stage, and each
-stage goes through `config.validate`, the checks a real run makes before loading weights. A sweep
+stage goes through `recipes.validate_stage`, the checks a real run makes before loading weights. A sweep
 (`-m`) is expanded with Hydra's own override parser so that every value of every swept key is
 validated (job i takes value i of each key, cycling). Where the command needs a GPU (a stage with
 `use_cpu` false), this machine pretends to have one (tests/pretend_gpu.py: torch.cuda, vllm and
@@ -32,7 +32,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from reinforce_cot import config, merge, recipes
+from reinforce_cot import recipes
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -159,14 +159,10 @@ def _with_checkpoint(job: list[str], kind: str) -> list[str]:
 
 
 def _validate(overrides: list[str], run_dir: Path, cfg=None) -> None:
-    """What a run checks before loading weights, for every stage (recipes.run's checks)."""
+    """What a run checks before loading weights, for every stage (recipes.prepare's checks, without the data)."""
     cfg = cfg if cfg is not None else compose(config_name="train", overrides=overrides)
-    stages = recipes.compose_stages(cfg, overrides, run_dir)
-    for sid, scfg in stages.items():
-        assert scfg.stage.kind in recipes.stage_kinds(), f"{sid}: unknown stage kind {scfg.stage.kind}"
-        config.validate(scfg)
-        if scfg.stage.kind == "merge":
-            merge.validate_stage(scfg, [s.split("_", 1)[1] for s in stages if s < sid])
+    for scfg in recipes.compose_stages(cfg, overrides, run_dir).values():
+        recipes.validate_stage(scfg)
 
 
 @pytest.mark.parametrize(

@@ -25,8 +25,8 @@ def evaluate(tmp_path: Path, *overrides: str, timeout: int = 300) -> subprocess.
     return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=timeout, env={**os.environ})
 
 
-def _one_line_error(proc, needle: str) -> None:
-    assert proc.returncode == 2, proc.stderr[-3000:]
+def _one_line_error(proc, needle: str, code: int = 2) -> None:
+    assert proc.returncode == code, proc.stderr[-3000:]
     err = [line for line in proc.stderr.splitlines() if line.strip()]
     assert err[-1].startswith("error: ") and needle in err[-1], proc.stderr[-3000:]
     assert "loaded Qwen" not in proc.stdout + proc.stderr
@@ -62,7 +62,8 @@ def test_server_url_that_does_not_answer(tmp_path, random_vlm):
         port = s.getsockname()[1]  # closed again: nothing listens there
     url = f"http://127.0.0.1:{port}/v1"
     proc = evaluate(tmp_path, f"ckpt={random_vlm}", "generation=openai", f"generation.base_url={url}")
-    _one_line_error(proc, f"generation.base_url={url}: no server answers there; start one")
+    # a server that does not answer is not bad input: exit code 1 (reinforce_cot.errors), still one line
+    _one_line_error(proc, f"generation.base_url={url}: no server answers there; start one", code=1)
 
 
 def test_comparison_of_run_dirs_is_one_table_and_one_plot(tmp_path, sft_checkpoint, sft_text_checkpoint):

@@ -68,7 +68,7 @@ def test_a_finished_stage_leaves_nothing_behind(tmp_path, monkeypatch):
     monkeypatch.setattr(training, "train_stage", train_stage)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
-        results = recipes.run(cfg, tmp_path / "run", overrides)
+        results = recipes.run(recipes.prepare(cfg, tmp_path / "run", overrides))
 
     assert results["01_sft"]["global_step"] == 2 and "rows" in results["02_evaluate"]
     assert len(made["models"]) == 2 and len(made["trainers"]) == 1

@@ -74,7 +74,7 @@ def test_thread_policy(nvidia, env, expected):
 
 
 def test_threads_per_process_on_gpu_machines():
-    from reinforce_cot import default_threads
+    from reinforce_cot.hardware import default_threads
 
     cores = len(os.sched_getaffinity(0))
     assert default_threads(4, gpu=False) == 1

@@ -31,8 +31,7 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from reinforce_cot import data, generation, reasoning, rewards
-from reinforce_cot.rundir import write_json
+from reinforce_cot import data, generation, reasoning, rewards, rundir
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +91,7 @@ def measure(backend, rows: list[dict], cc, out_dir: Path, split: str) -> list[di
 
 
 def curate_stage(cfg, run_dir: Path, sid: str, splits: dict, results: dict | None = None) -> dict:
-    """Measure, filter and write the curated dataset; returns (and writes) the report."""
+    """Measure, filter and write the curated dataset (data/<sid>/); returns the report."""
     import torch
 
     from reinforce_cot import models
@@ -101,15 +100,14 @@ def curate_stage(cfg, run_dir: Path, sid: str, splits: dict, results: dict | Non
     cc = cfg.curate
     torch.manual_seed(cfg.seed)
     path = models.resolve_path(cfg.model)
-    out_dir = run_dir / "data" / sid
+    out_dir = rundir.data(run_dir, sid)
     out_dir.mkdir(parents=True, exist_ok=True)
     with generation.load(cfg, path, cache_dir=out_dir) as backend:
         report = _curate(cfg, cc, backend, splits, out_dir, sid, path)
     report["wall_seconds"] = round(time.time() - t0, 1)
     report["data_dir"] = str(out_dir)
-    write_json(out_dir / "report.json", report)
+    rundir.write_json(out_dir / "report.json", report)
     (out_dir / "report.md").write_text(report_markdown(report))
-    write_json(run_dir / "result" / f"{sid}.json", report)
     return report
 
 

@@ -5,6 +5,7 @@
 - html(records, rows, path): the best samples (correct, most complete chains, shortest first) and the
   failures, each with the image inline (base64 PNG thumbnail), question, reasoning, answer, verdict.
 - compare(rows, path): one grouped bar chart over several checkpoints (`evaluate` over run dirs).
+- format_table(rows): the Markdown table the evaluate stage, the evaluate CLI and a sweep's end print.
 
 Open samples.html in any browser; it needs no network (images are inline).
 """
@@ -162,3 +163,22 @@ def html(records: list[dict], rows, path: Path, label: str, n: int = 12) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page)
     return path
+
+
+def format_table(rows: list[dict]) -> str:
+    """A Markdown table of rows that share their keys (evaluation tables, a sweep's jobs, the notebook's runs).
+
+    >>> print(format_table([{"stage": "01_sft", "acc": 0.5}, {"stage": "02_rl", "acc": 0.75}]))
+    | stage  | acc   |
+    |--------|-------|
+    | 01_sft | 0.500 |
+    | 02_rl  | 0.750 |
+    """
+    if not rows:
+        return "(no stages evaluated)"
+    cols = list(rows[0])
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    cells = [[fmt(r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
+    return "\n".join([line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])

@@ -18,12 +18,8 @@ from pathlib import Path
 
 from reinforce_cot import data as data_lib
 from reinforce_cot import images
-from reinforce_cot.errors import ConfigError
+from reinforce_cot.errors import ConfigError, GenerationError  # noqa: F401  (GenerationError: re-exported)
 from reinforce_cot.generation.store import Store, row_key
-
-
-class GenerationError(ConfigError):
-    """Generation could not finish (server gone); what was done is on disk and a rerun resumes."""
 
 
 def chat_messages(row: dict, template: str, system: str | None, own_prompt: bool = True) -> list[dict]:
