@@ -9,6 +9,7 @@ Everything on the trainer's side (tokenization, chat template, TRL's VLLMGenerat
 from __future__ import annotations
 
 import functools
+import os
 import types
 from pathlib import Path
 
@@ -132,6 +133,12 @@ def fake_vllm(monkeypatch):
     RecordingLLM.prompts = []
     RecordingServer.requests = []
     RecordingServer.images = []
+    env = dict(os.environ)
+    yield
+    # TRL's vLLM setup exports RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT into this process: left there,
+    # every later subprocess test on this xdist worker would start "distributed" on port 29500 (EADDRINUSE)
+    os.environ.clear()
+    os.environ.update(env)
 
 
 def _trainer(algo: str, mode: str, mixin: bool, rows):
