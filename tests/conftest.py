@@ -105,7 +105,7 @@ def sft_checkpoint(tmp_path_factory, worker_id) -> Path:
             "algo.args.per_device_train_batch_size=16",
             "eval.max_prompts=16",
             "eval.k=2",
-            "eval.batch_size=8",  # 2+ batches per generation: test_sharded shares them between 2 ranks
+            "generation.batch_size=8",  # 2+ batches per generation: test_sharded shares them between 2 ranks
         ),
     )
 

@@ -48,7 +48,7 @@ def run_stage(sft: Path | str, run_dir: Path, *overrides: str) -> dict:
     batch per micro-step: its rows and how many of them have a non-zero advantage."""
     import trl
 
-    from reinforce_cot import config, recipes, training
+    from reinforce_cot import config, data, training
 
     cfg = compose(sft, *overrides)
     config.validate(cfg)
@@ -62,7 +62,7 @@ def run_stage(sft: Path | str, run_dir: Path, *overrides: str) -> dict:
 
     trl.GRPOTrainer._compute_loss = recording
     try:
-        result = training.train_stage(cfg, run_dir, "01_dapo", recipes.load_splits(cfg.data))
+        result = training.train_stage(cfg, run_dir, "01_dapo", data.load_splits(cfg.data))
     finally:
         trl.GRPOTrainer._compute_loss = original
     return {"batches": batches, "result": result}

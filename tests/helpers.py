@@ -131,14 +131,14 @@ def run_train(tmp_path: Path, *overrides: str, timeout: int = 600, env: dict | N
 
 
 def run_in_process(tmp_path: Path, *overrides: str) -> Run:
-    """The recipe of `python train.py <overrides>` run here, as main runs it (recipes.run: compose, validate,
-    provenance, every stage, summary) into `<tmp_path>/run`. No output.log (Hydra's logging is the CLI's): read
-    the log with caplog. Bad input raises ConfigError instead of exiting 2."""
+    """The recipe of `python train.py <overrides>` run here, as main runs it (recipes.prepare: compose,
+    validate, load data; recipes.run: provenance, every stage) into `<tmp_path>/run`. No output.log (Hydra's
+    logging is the CLI's): read the log with caplog. Bad input raises ConfigError instead of exiting 2."""
     from reinforce_cot import recipes
 
     run_dir = tmp_path / "run"
     with hydra_on_conf():  # recipes compose each stage too
-        results = recipes.run(compose_cfg(*overrides), run_dir, list(overrides))
+        results = recipes.run(recipes.prepare(compose_cfg(*overrides), run_dir, list(overrides)))
     return Run(0, "", "", run_dir, results)
 
 

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import TrainerControl, TrainerState
 
-from reinforce_cot import callbacks, config, evaluation, generation, models, recipes, runs, training
+from reinforce_cot import callbacks, config, data, evaluation, generation, models, runs, training
 from tests.helpers import compose_cfg
 
 # one GRPO stage of the tiny text model, at debug=smoke sizes
@@ -112,7 +112,7 @@ def test_bad_eval_during_training_settings_are_config_errors(bad):
 # ------------------------------------------------------------------------------ evaluation during training
 def _train(cfg, run_dir: Path, monkeypatch) -> dict:
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", "")  # train_stage sets it: restored after the test
-    return training.train_stage(cfg, run_dir, "01_grpo", recipes.load_splits(cfg.data))
+    return training.train_stage(cfg, run_dir, "01_grpo", data.load_splits(cfg.data))
 
 
 @pytest.mark.slow  # two 4-step GRPO stages in process, 3 evaluations: ~10 s
@@ -139,7 +139,7 @@ def test_eval_during_training_logs_what_a_direct_evaluation_of_the_same_weights_
     path = models.resolve_path(cfg.model)
     processing_class = models.load_processing_class(path, cfg.model)
     model = models.load_model(path, cfg.model)
-    test = recipes.load_splits(cfg.data)["test"]
+    test = data.load_splits(cfg.data)["test"]
     rows = [test[i] for i in range(6)]
     ecfg = OmegaConf.merge(cfg, {"eval": {"max_prompts": 6, "answer_only_template": None, "consistency": False}})
     direct = {}
@@ -149,8 +149,8 @@ def test_eval_during_training_logs_what_a_direct_evaluation_of_the_same_weights_
             model=model,
             processing_class=processing_class,
             data_cfg=cfg.data,
-            batch_size=cfg.eval.batch_size,
-            max_new_tokens=cfg.eval.max_new_tokens,
+            batch_size=cfg.generation.batch_size,
+            max_new_tokens=cfg.generation.max_new_tokens,
         )
         direct[step] = evaluation.evaluate_backend(backend, rows, ecfg)
     names = "greedy_accuracy sampled_accuracy format_rate mean_completion_tokens pass@1 pass@2 maj@2".split()

@@ -15,6 +15,9 @@ from tests.helpers import CONF
 # Where an option needs a value the user must give (`???`), the value the composition test gives it.
 REQUIRED = {
     "data=jsonl": ["data.train.path=x.jsonl", "data.test.path=y.jsonl"],
+    # the earlier stages whose models a stage uses: recipes.compose_stages fills them in
+    "stage=evaluate": ["stage.targets=[01_sft]"],
+    "stage=merge": ["stage.targets=[01_sft]"],
 }
 
 
@@ -46,6 +49,8 @@ def _listing() -> list[tuple[str, str]]:
 
 
 CHOICES = _listing()
+with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):  # the groups conf/train.yaml lists
+    DEFAULTS = set(compose(config_name="train", return_hydra_config=True).hydra.runtime.choices)
 
 
 def test_the_listing_has_every_group():
@@ -57,7 +62,8 @@ def test_the_listing_has_every_group():
 
 @pytest.mark.parametrize(("group", "choice"), CHOICES, ids=[f"{g}={c}" for g, c in CHOICES])
 def test_every_preset_composes(hydra_ctx, group, choice):
-    overrides = [f"{group}={choice}", *REQUIRED.get(f"{group}={choice}", [])]
+    plus = "" if group in DEFAULTS else "+"  # stage: recipes append `+stage=<kind>` to each stage's config
+    overrides = [f"{plus}{group}={choice}", *REQUIRED.get(f"{group}={choice}", [])]
     cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
     assert cfg.hydra.runtime.choices[group] == choice  # the option itself was composed, not a default
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)  # its interpolations (hydra.*) resolve
@@ -192,7 +198,7 @@ def test_an_override_a_resume_would_ignore_is_refused(hydra_ctx, tmp_path):
     OmegaConf.save(compose(config_name="train"), run_dir / "backup" / "config.yaml")
     user = [f"resume={run_dir}", "algo.args.max_steps=20"]
     with pytest.raises(ConfigError) as e:
-        recipes.run(compose(config_name="train", overrides=user), run_dir, user)
+        recipes.prepare(compose(config_name="train", overrides=user), run_dir, user)
     assert str(e.value) == (
         f"resume={run_dir} replays the run's own config, so algo.args.max_steps=20 would be ignored; drop it, or "
         f"start a new run from this one's weights (model.init_from={run_dir})"

@@ -7,7 +7,7 @@ so quoted overrides stay whole); inside inline code (`python train.py ...`) it e
 
 How each is checked, in-process and without training (so all of them take seconds): Hydra's compose API
 builds the config from the command's overrides, `recipes.compose_stages` builds every stage, and each
-stage goes through `config.validate`, the checks a real run makes before loading weights. The commands
+stage goes through `recipes.validate_stage`, the checks a real run makes before loading weights. The commands
 share most of their compositions and stages (the quickstart's SFT stage is in dozens of them): each distinct
 composition is made once per process, and each distinct stage config validated once. A sweep
 (`-m`) is expanded with Hydra's own override parser so that every value of every swept key is
@@ -35,7 +35,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from reinforce_cot import config, merge, recipes
+from reinforce_cot import recipes
 from tests import pretend_gpu
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def _compose_once():
         yield
 
 
-VALIDATED: set[str] = set()  # stage configs (and whether GPUs were pretended) that passed config.validate
+VALIDATED: set[str] = set()  # stage configs (and whether GPUs were pretended) that passed recipes.validate_stage
 
 
 # ------------------------------------------------------------------------------------------ harvesting
@@ -188,19 +188,15 @@ def _with_checkpoint(job: list[str], kind: str) -> list[str]:
 
 
 def _validate(overrides: list[str], run_dir: Path, cfg=None) -> None:
-    """What a run checks before loading weights, for every stage (recipes.run's checks)."""
+    """What a run checks before loading weights, for every stage (recipes.prepare's checks, without the data)."""
     cfg = cfg if cfg is not None else compose(config_name="train", overrides=overrides)
-    stages = recipes.compose_stages(cfg, overrides, run_dir)
     import torch
 
-    for sid, scfg in stages.items():
-        assert scfg.stage.kind in recipes.stage_kinds(), f"{sid}: unknown stage kind {scfg.stage.kind}"
+    for scfg in recipes.compose_stages(cfg, overrides, run_dir).values():
         key = f"gpus={torch.cuda.is_available()}\n{OmegaConf.to_yaml(scfg)}".replace(str(run_dir), "<run dir>")
         if key not in VALIDATED:  # the same stage in another command: validated there
-            config.validate(scfg)
+            recipes.validate_stage(scfg)
             VALIDATED.add(key)
-        if scfg.stage.kind == "merge":
-            merge.validate_stage(scfg, [s.split("_", 1)[1] for s in stages if s < sid])
 
 
 @pytest.mark.parametrize(

@@ -22,8 +22,8 @@ def evaluate(tmp_path: Path, *overrides: str, timeout: int = 300) -> subprocess.
     return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=timeout, env={**os.environ})
 
 
-def _one_line_error(proc, needle: str) -> None:
-    assert proc.returncode == 2, proc.stderr[-3000:]
+def _one_line_error(proc, needle: str, code: int = 2) -> None:
+    assert proc.returncode == code, proc.stderr[-3000:]
     err = [line for line in proc.stderr.splitlines() if line.strip()]
     assert err[-1].startswith("error: ") and needle in err[-1], proc.stderr[-3000:]
     assert "loaded Qwen" not in proc.stdout + proc.stderr
@@ -55,7 +55,8 @@ def test_dataset_without_an_answer_column(tmp_path, random_vlm):
 def test_server_url_that_does_not_answer(tmp_path, random_vlm):
     url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
     proc = evaluate(tmp_path, f"ckpt={random_vlm}", "generation=openai", f"generation.base_url={url}")
-    _one_line_error(proc, f"generation.base_url={url}: no server answers there; start one")
+    # a server that does not answer is not bad input: exit code 1 (reinforce_cot.errors), still one line
+    _one_line_error(proc, f"generation.base_url={url}: no server answers there; start one", code=1)
 
 
 @pytest.mark.slow  # the two checkpoint fixtures, then two evaluations: ~10 s

@@ -14,8 +14,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import RunMode
 from omegaconf import open_dict
 
-from reinforce_cot import hardware, main, recipes, rundir, runs, sweeps
-from reinforce_cot.errors import ConfigError
+from reinforce_cot import hardware, main, recipes, rundir, sweeps
+from reinforce_cot.errors import ConfigError, GenerationError
 from tests.helpers import ROOT, compose_cfg, run_in_process
 
 
@@ -41,6 +41,7 @@ def _stage_raises(monkeypatch, exc):
     def run(*args):
         raise exc
 
+    monkeypatch.setattr(recipes, "prepare", lambda *args: None)
     monkeypatch.setattr(recipes, "run", run)
 
 
@@ -50,6 +51,7 @@ def _torchrun_fails(monkeypatch, child_reason: str | None):
             rundir.mark_failed(run_dir, child_reason)
         return 3
 
+    monkeypatch.setattr(recipes, "prepare", lambda *args: None)
     monkeypatch.setattr(hardware, "needs_launch", lambda cfg: True)
     monkeypatch.setattr(hardware, "launch", launch)
 
@@ -59,6 +61,11 @@ CASES = {
         lambda mp: _stage_raises(mp, ConfigError("eval.k=-1 must be >= 0")),
         "error: eval.k=-1 must be >= 0",
         2,
+    ),
+    "server gone": (  # not bad input: exit code 1, still one line and no traceback
+        lambda mp: _stage_raises(mp, GenerationError("generation.base_url=http://x:1/v1: no server answers there")),
+        "error: generation.base_url=http://x:1/v1: no server answers there",
+        1,
     ),
     "exception": (
         lambda mp: _stage_raises(mp, RuntimeError("CUDA out of\nmemory")),
@@ -78,7 +85,7 @@ def test_a_failed_sweep_job_is_marked_and_fails_in_hydra(call_main, monkeypatch,
         call_main(RunMode.MULTIRUN)  # Hydra's run_job records the exception: the job is FAILED
     assert rundir.failure(tmp_path / "run") == reason
     assert (tmp_path / "run" / "result" / "FAILED").read_text().splitlines()[1].endswith("output.log")
-    assert runs.status(tmp_path / "run") == "failed"
+    assert rundir.status(tmp_path / "run") == "failed"
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -94,7 +101,7 @@ def test_a_failed_run_is_marked_and_exits_non_zero(call_main, monkeypatch, tmp_p
 def test_a_resume_moves_the_failed_marker_to_its_record(tmp_path):
     rundir.mark_failed(tmp_path, "RuntimeError: boom")
     rundir.note_resume(tmp_path, ["resume=x"])
-    assert rundir.failure(tmp_path) is None and runs.status(tmp_path) == "incomplete"
+    assert rundir.failure(tmp_path) is None and rundir.status(tmp_path) == "incomplete"
     [kept] = (tmp_path / "backup").glob("resume-*/FAILED")
     assert kept.read_text().startswith("RuntimeError: boom\n")
 
@@ -144,7 +151,7 @@ def test_sweep_whose_jobs_fail_exits_1_and_lists_them(tmp_path):
     for job, k in ((0, -1), (1, -2)):
         run_dir = tmp_path / "sweep" / str(job)
         [kept] = run_dir.glob("backup/rerun-*/FAILED")
-        assert kept.read_text().startswith(f"error: eval.k={k} must be >= 0") and runs.status(run_dir) == "failed"
+        assert kept.read_text().startswith(f"error: eval.k={k} must be >= 0") and rundir.status(run_dir) == "failed"
 
 
 # ------------------------------------------------- bad input fails in validation, before anything is written

@@ -20,15 +20,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from reinforce_cot import generation, recipes, tiny
+from reinforce_cot import generation, images, recipes, tiny
+from reinforce_cot.errors import ConfigError
 from reinforce_cot.generation import GenerationError
 from tests.chat_server import decode_image
 from tests.helpers import ROOT, compose_cfg, free_port
 
 SERVER = ROOT / "tests" / "chat_server.py"
-# Fast failure for tests: 2 retries 50 ms apart instead of 5 from 1 s (the production defaults).
-FAST = ["generation.max_retries=2", "generation.backoff_s=0.05", "generation.timeout_s=60"]
-SHORT = "eval.max_new_tokens=8"  # the failure tests need answers, not long ones (the random model rambles)
+# Fast failure for tests: 2 retries (the SDK waits ~0.5 s, then ~1 s) instead of 5 (the production default).
+FAST = ["generation.max_retries=2", "generation.timeout_s=60"]
+SHORT = "generation.max_new_tokens=8"  # the failure tests need answers, not long ones (the random model rambles)
 
 
 def openai_cfg(port: int, *overrides: str):
@@ -105,7 +106,7 @@ def test_vlm_server_matches_local_generation(sft_checkpoint, tmp_path):
         greedy = remote.generate_to_jsonl(rows, out, n=1, temperature=0.0)
         local = generation.load(compose_cfg(), str(sft_checkpoint))
         assert greedy == local.generate(rows, n=1, temperature=0.0)  # same prompt, image and decoding
-        sent = decode_image(generation.image_data_url(rows[0]["images"][0]))
+        sent = decode_image(images.data_url(rows[0]["images"][0]))
         assert sent.tobytes() == rows[0]["images"][0].tobytes()  # the data URL carries the exact pixels
         lines = [json.loads(x) for x in out.read_text().splitlines()]
         assert len(lines) == 8 and {x["status"] for x in lines} == {"ok"}
@@ -210,3 +211,10 @@ def test_evaluate_cli_launches_its_own_server(sft_checkpoint, tmp_path):
     with pytest.raises(httpx.ConnectError):  # stopped afterwards
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
     assert "| 01_sft" in proc.stdout.replace(run_dir.name + "/", "")  # the table, printed
+
+
+def test_a_generation_target_that_is_not_a_backend_is_one_clear_error():
+    cfg = compose_cfg("generation._target_=reinforce_cot.data.from_rows")  # importable, but a function
+    with pytest.raises(ConfigError, match=r"^generation._target_=reinforce_cot.data.from_rows: not an importable"):
+        generation.validate(cfg)
+    generation.validate(compose_cfg("generation=openai"))  # each backend's own checks pass on its defaults

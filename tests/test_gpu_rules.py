@@ -14,7 +14,7 @@ import torch
 from hydra import compose
 from hydra.utils import instantiate
 
-from reinforce_cot import config, hardware, memory, models, parts, recipes, training
+from reinforce_cot import adapters, config, data, hardware, memory, models, parts, recipes, training
 from reinforce_cot.errors import ConfigError
 from tests import pretend_gpu
 from tests.helpers import compose_cfg
@@ -163,6 +163,7 @@ def test_the_launching_parent_validates_without_a_cuda_context(gpu_box, tmp_path
     overrides = ["algo=gspo", "hardware=2xa100", "model=qwen2_5_vl_3b"]
     cfg = compose(config_name="train", overrides=overrides)  # gpu_box opened hydra_ctx: launch composes the stages
     assert hardware.needs_launch(cfg)
+    recipes.prepare(cfg, tmp_path / "run", overrides)  # what main does before it launches
     assert hardware.launch(cfg, tmp_path / "run", overrides) == 0
     assert devices == []
     _ = instantiate(cfg.algo.args, output_dir=str(tmp_path / "x")).world_size  # the same, outside the context
@@ -191,16 +192,16 @@ def test_mixed_precision_full_fine_tuning_keeps_fp32_masters(tmp_path):
         "algo.args.report_to=[]",
         "data.train.n=8",
     )
-    assert models.load_dtype(cfg) == "float32"
+    assert adapters.load_dtype(cfg) == "float32"
     assert (
-        models.load_dtype(compose_cfg("hardware=2xa100", "model=qwen2_5_vl_3b")) == "bfloat16"
+        adapters.load_dtype(compose_cfg("hardware=2xa100", "model=qwen2_5_vl_3b")) == "bfloat16"
     )  # DeepSpeed's own masters
-    assert models.load_dtype(compose_cfg("hardware=1xa100", "model=qwen2_5_vl_3b", "peft=lora")) == "bfloat16"
-    ds = training.build_dataset(cfg, recipes.load_splits(cfg.data)["train"])
+    assert adapters.load_dtype(compose_cfg("hardware=1xa100", "model=qwen2_5_vl_3b", "peft=lora")) == "bfloat16"
+    ds = training.build_dataset(cfg, data.load_splits(cfg.data)["train"])
     path = models.resolve_path(cfg.model)
     proc = models.load_processing_class(path, cfg.model)
     changed = {}
-    for dtype in (models.load_dtype(cfg), "bfloat16"):
+    for dtype in (adapters.load_dtype(cfg), "bfloat16"):
         model = models.load_model(path, cfg.model, dtype=dtype)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         args = instantiate(cfg.algo.args, output_dir=str(tmp_path / dtype))

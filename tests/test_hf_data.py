@@ -326,18 +326,18 @@ def test_debug_smoke_works_for_every_data_config(name, root, tmp_path):
     }.get(name, [])
     lines = [json.dumps({"question": f"{i} + 1?", "answer": str(i + 1)}) for i in range(200)]
     (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
-    splits = recipes.load_splits(compose_cfg(f"data={name}", "debug=smoke", *extra).data)
+    splits = data.load_splits(compose_cfg(f"data={name}", "debug=smoke", *extra).data)
     assert 0 < len(splits["train"]) <= 96 and 0 < len(splits["test"]) <= 16
 
 
 def test_jsonl_errors_name_the_split_key(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ConfigError, match=r"^data\.train\.path=.*empty\.jsonl: the file holds no rows"):
-        recipes.load_splits(compose_cfg("data=jsonl", f"data.train.path={tmp_path}/empty.jsonl",
+        data.load_splits(compose_cfg("data=jsonl", f"data.train.path={tmp_path}/empty.jsonl",
                                     f"data.test.path={tmp_path}/empty.jsonl").data)  # fmt: skip
     (tmp_path / "ok.jsonl").write_text('{"question": "Q?", "answer": "1"}\n')
     with pytest.raises(ConfigError, match=r"^data\.test\.path=.*gone\.jsonl: no such file; point data\.test\.path"):
-        recipes.load_splits(compose_cfg("data=jsonl", f"data.train.path={tmp_path}/ok.jsonl",
+        data.load_splits(compose_cfg("data=jsonl", f"data.train.path={tmp_path}/ok.jsonl",
                                     f"data.test.path={tmp_path}/gone.jsonl").data)  # fmt: skip
 
 

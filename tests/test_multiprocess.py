@@ -16,7 +16,7 @@ from tests.helpers import assert_every_tensor_moved, compose_cfg
 
 SFT = ("recipe=single", "algo=sft", "reward=none", "debug=smoke")
 # 5 prompts, 2 processes: shares of 3 and 2; at 2 completions per generate call, 2 calls vs 1 unless padded
-EVAL = ("eval.every_steps=2", "eval.during_train_prompts=5", "eval.batch_size=2")
+EVAL = ("eval.every_steps=2", "eval.during_train_prompts=5", "generation.batch_size=2")
 
 
 def _check_two_ranks_one_writer(run, distributed_type: str):

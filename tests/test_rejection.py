@@ -54,6 +54,7 @@ def test_sample_writes_verified_sft_and_dpo_data(sft_checkpoint, tmp_path):
     right = {i: rewards.accuracy_reward(c, answer=[by_id[i]["answer"]] * 4) for i, c in gens.items()}
     assert [p["correct"] for p in rep["per_prompt"]] == [int(sum(right[i])) for i in by_id]
     assert rep["samples"] == 96 and rep["correct_samples"] == sum(sum(v) for v in right.values()) > 0
+    assert all(Path(f).exists() for f in rep["files"].values())  # what the report points at was written
     assert rep["sft"]["prompts_dropped_no_correct_chain"] == sum(sum(v) == 0 for v in right.values())
 
     sft = _written(out, "sft")

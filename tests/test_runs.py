@@ -1,4 +1,4 @@
-"""reinforce_cot.runs on run dirs written the way recipes.run writes them (backup/overrides.yaml,
+"""reinforce_cot.runs on run dirs written the way recipes.run writes them (backup/overrides.yaml and stages/,
 result/summary.json, result/<stage>.json): labels, status, the table and the mean over seeds.
 The notebook that draws from them runs on a real sweep in tests/test_sweeps_local.py."""
 
@@ -9,21 +9,25 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from reinforce_cot import runs
+from reinforce_cot import rundir, runs
 
 
 def make_run(root, name, overrides, acc=None, failed=False):
     run = root / name
-    (run / "backup").mkdir(parents=True)
+    (run / "backup" / "stages").mkdir(parents=True)
     OmegaConf.save(OmegaConf.create(overrides), run / "backup" / "overrides.yaml")
+    for sid in ("01_grpo", "02_evaluate"):  # the recipe's stages
+        OmegaConf.save(OmegaConf.create({"stage": {"id": sid}}), run / "backup" / "stages" / f"{sid}.yaml")
     (run / "result").mkdir()
     if failed:
         (run / "result" / "FAILED").write_text("see output.log\n")
     if acc is not None:
         rows = [{"stage": "01_grpo", "greedy_acc": acc, "mean_len": 10 * acc}]
-        (run / "result" / "summary.json").write_text(json.dumps({"stage": "02_evaluate", "rows": rows}))
+        summary = {"stage": "02_evaluate", "rows": rows}
+        (run / "result" / "summary.json").write_text(json.dumps(summary))
         train = {"global_step": 5, "log_history": [{"step": 5, "loss": 0.1}]}
         (run / "result" / "01_grpo.json").write_text(json.dumps(train))
+        (run / "result" / "02_evaluate.json").write_text(json.dumps(summary))
     return run
 
 
@@ -57,6 +61,17 @@ def test_table_has_a_row_for_every_run_with_its_status(sweep):
     ]  # fmt: skip
     assert rows[3] == {"run": "3", "reward": "kimi_length", "seed": "1", "status": "ok", "stage": "01_grpo",
                        "greedy_acc": 0.8, "mean_len": 8.0, "steps": 5}  # fmt: skip
+
+
+def test_a_run_is_ok_when_every_stage_is_done_even_without_an_evaluate_stage(tmp_path):
+    """recipe=curate or kimi end without a summary table: done is every stage of backup/stages/ having its
+    result/<stage>.json (rundir.status), so a sweep rerun does not run a finished job again."""
+    run = make_run(tmp_path, "curate", ["recipe=curate"])
+    (run / "backup" / "stages" / "02_evaluate.yaml").unlink()  # one stage: 01_grpo
+    assert rundir.status(run) == "incomplete"
+    (run / "result" / "01_grpo.json").write_text("{}")
+    assert rundir.status(run) == "ok" and not (run / "result" / "summary.json").exists()
+    assert rundir.status(tmp_path / "never_started") == "incomplete"
 
 
 def test_aggregate_averages_over_seeds(sweep):

@@ -21,7 +21,7 @@ from tests.helpers import ROOT, compose_cfg, free_port
 
 
 def test_generation_model_goes_to_this_ranks_gpu(monkeypatch):
-    cfg = compose_cfg("eval.max_new_tokens=4")
+    cfg = compose_cfg("generation.max_new_tokens=4")
     path = str(tiny.build(cfg.model))
     placed = []
     real_load = models.load_model
@@ -65,7 +65,7 @@ def test_thread_policy(nvidia, env, expected):
 
 
 def test_threads_per_process_on_gpu_machines():
-    from reinforce_cot import default_threads
+    from reinforce_cot.hardware import default_threads
 
     cores = len(os.sched_getaffinity(0))
     assert default_threads(4, gpu=False) == 1
@@ -87,7 +87,7 @@ def test_greedy_ignores_a_checkpoints_generation_defaults(sft_checkpoint, tmp_pa
             | {"repetition_penalty": 1.8, "no_repeat_ngram_size": 2, "top_k": 1, "top_p": 0.1, "do_sample": True}
         )
     )
-    cfg = compose_cfg("eval.max_new_tokens=24", "eval.batch_size=8")
+    cfg = compose_cfg("generation.max_new_tokens=24", "generation.batch_size=8")
     rows = images.capped(data.from_rows(data.shapes_rows(8, seed=7, image_size=64)), None)  # the row contract
     out = {}
     for name, path in (("clean", sft_checkpoint), ("polluted", polluted)):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from reinforce_cot import rundir, runs
+from reinforce_cot import rundir
 from tests.helpers import run_sweep
 
 pytestmark = pytest.mark.slurm
@@ -142,7 +142,7 @@ def test_failed_and_killed_jobs_leave_the_others_results(slurm, tmp_path):
     assert "error: algo.args.per_device_train_batch_size=0" in (failed / "output.log").read_text()
     assert not (failed / "backup" / "config.yaml").exists()  # bad input: never looks like a (resumable) run
     assert not (sweep.job(2) / "result" / "01_sft.json").exists()
-    assert runs.status(sweep.job(2)) == "incomplete"  # killed from outside: no FAILED, resumable
+    assert rundir.status(sweep.job(2)) == "incomplete"  # killed from outside: no FAILED, resumable
 
     # Rerun into its sweep dir: jobs 1 (failed) and 2 (killed) run again, each in its own run dir; job 0 is done
     # and not submitted. Job 1 fails again (its batch size is still 0), so the rerun exits 1 too.
@@ -154,10 +154,9 @@ def test_failed_and_killed_jobs_leave_the_others_results(slurm, tmp_path):
     assert "error: 1 of 3 jobs of the sweep failed:" in rerun.stderr
     assert (sweep.job(0) / "backup" / "jobs.txt").read_text() == done_before  # job 0 did not run
     assert len(jobs_txt(sweep.job(1))) == 2  # started once per run of the sweep
-    assert sweep.result(2, "01_sft.json")["global_step"] == STEPS and runs.status(sweep.job(2)) == "ok"
-    assert (
-        list(sweep.job(1).glob("backup/rerun-*/FAILED")) and runs.status(sweep.job(1)) == "failed"
-    )  # failed before it started
+    assert sweep.result(2, "01_sft.json")["global_step"] == STEPS and rundir.status(sweep.job(2)) == "ok"
+    # job 1 failed before it started
+    assert list(sweep.job(1).glob("backup/rerun-*/FAILED")) and rundir.status(sweep.job(1)) == "failed"
     rows = sweep_table(sweep.dir)
     assert [(r["job"], r["slurm state"], r["result"].split(":")[0]) for r in rows] == [
         ("0", "COMPLETED", "ok (done before)"),

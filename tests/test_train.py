@@ -115,12 +115,13 @@ def test_multirun_gives_each_job_its_own_run_dir(tmp_path):
 
 
 def test_runs_started_in_the_same_second_get_their_own_dirs(tmp_path):
+    from reinforce_cot.errors import ConfigError
     from reinforce_cot.rundir import resolve_run_dir
 
     fresh = str(tmp_path / "outputs" / "20260101_120000_quickstart")
     first, second = resolve_run_dir(None, fresh), resolve_run_dir(None, fresh)
     assert (first, second) == (fresh, fresh + "_2")
-    with pytest.raises(SystemExit):  # a resume of a folder that is not (yet) a run dir
+    with pytest.raises(ConfigError):  # a resume of a folder that is not (yet) a run dir (cli: exit code 2)
         resolve_run_dir(first, "ignored")
     (Path(first) / "backup").mkdir()
     (Path(first) / "backup" / "config.yaml").write_text("seed: 0\n")

@@ -16,8 +16,8 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from reinforce_cot import data as data_lib
-from reinforce_cot import images as images_lib
 from reinforce_cot import hardware, models, rewards, training, vllm_images
+from reinforce_cot import images as images_lib
 from tests.helpers import compose_cfg
 
 HUB_MAX_PIXELS = 12845056  # Qwen2.5-VL's preprocessor_config.json on the hub: what vLLM uses unless told otherwise

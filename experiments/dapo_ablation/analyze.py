@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from reinforce_cot import runs
+from reinforce_cot import rundir, runs
 
 HERE = Path(__file__).resolve().parent
 SFT_K8 = "01_sft_k8"  # label of the SFT start's evaluation with 8 samples per prompt
@@ -32,11 +32,11 @@ def evaluate(run_dir: Path, ckpts: list[Path], label=lambda ck: ck.name, **eval_
     rows, i.e. test rows whose layout also occurs in training dropped): result/eval_<label>.json."""
     from omegaconf import OmegaConf
 
-    from reinforce_cot import evaluation, generation, recipes
+    from reinforce_cot import data, evaluation, generation
 
     cfg = OmegaConf.load(run_dir / "backup" / "stages" / "02_evaluate.yaml")
     cfg.eval.update(eval_overrides)
-    rows = recipes.load_splits(cfg.data)["test"]
+    rows = data.load_splits(cfg.data)["test"]
     for ck in ckpts:
         with generation.load(cfg, str(ck)) as backend:
             evaluation.evaluate_backend(backend, rows, cfg, run_dir / "result", label=label(ck))
@@ -147,7 +147,7 @@ def main() -> None:
     ap.add_argument("--sft", type=Path, required=True, help="run dir of the SFT start")
     ap.add_argument("--evaluate", action="store_true", help="score checkpoints and the SFT start first")
     args = ap.parse_args()
-    dirs = [d for s in args.sweeps for d in runs.run_dirs(s) if runs.status(d) == "ok"]
+    dirs = [d for s in args.sweeps for d in runs.run_dirs(s) if rundir.status(d) == "ok"]
     if args.evaluate:
         if not eval_file(args.sft, SFT_K8).is_file():  # 8 samples per prompt, as each training group
             evaluate(args.sft, [args.sft / "ckpt" / "01_sft" / "final"], label=lambda ck: SFT_K8, k=8)

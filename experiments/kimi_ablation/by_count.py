@@ -19,10 +19,10 @@ from omegaconf import OmegaConf
 def evaluate(stage_cfg: Path, ckpt: Path) -> dict:
     import torch
 
-    from reinforce_cot import generation, recipes, rewards
+    from reinforce_cot import data, generation, rewards
 
     cfg = OmegaConf.load(stage_cfg)
-    rows = recipes.load_splits(cfg.data)["test"][: cfg.eval.max_prompts]
+    rows = data.load_splits(cfg.data)["test"][: cfg.eval.max_prompts]
     torch.manual_seed(0)
     with generation.load(cfg, str(ckpt)) as backend:
         texts = [c[0] for c in backend.generate(rows, n=1, temperature=0.0)]

@@ -1,37 +1,34 @@
-"""reinforce-cot: teach vision-language (and text) models to reason step by step with TRL + Hydra."""
+"""reinforce-cot: teach vision-language (and text) models to reason step by step with TRL + Hydra.
 
-import glob
+    python train.py                                   # the quickstart recipe: tiny VLM, SFT -> GRPO -> evaluate
+    python -m reinforce_cot.evaluate ckpt=outputs/<run>
+
+How the package is layered. Each module imports only from layers below its own (lazy imports inside
+functions included: tests/test_imports.py checks that the import graph has no cycle); where a lower
+layer must call a higher one, the function is passed in (sharded's `load` message names its loader):
+
+  1. leaves        errors, images, processing, reasoning
+  2. processes     hardware (ranks, barriers, torchrun, what a stage leaves), rundir (every run-dir path,
+                   provenance, the done/failed contract), overrides (which override reaches which stage),
+                   cli (conf/, resolvers, the one `error:` exit), cluster + preemption (inside Slurm jobs)
+  3. parts         data, sources, preference, rewards, tiny, models, parts, adapters, memory, sampling,
+                   dynamic_sampling, vllm_images, sharded, generation, report, evaluation, callbacks
+  4. stages        training, curation, rejection, merge, evaluation.evaluate_stage: fn(cfg, run_dir, stage
+                   id, splits, earlier results) -> summary dict; the kinds are conf/stage/*.yaml
+  5. recipes       config (validation of one stage), recipes (compose, validate, load data, run the stages,
+                   write result/<stage>.json), runs and sweeps (reading run dirs back)
+  6. entry points  main (train.py), evaluate, merge.main, launcher (+ hydra_plugins/)
+
+Importing the package sets OMP_NUM_THREADS=1 on CPU-only machines (unless set; reinforce_cot.hardware
+says why) before anything imports torch, and registers what conf/ needs to compose (reinforce_cot.cli).
+"""
+
 import os
 
+from reinforce_cot import cli, hardware
 
-def gpu_visible() -> bool:
-    """Whether an NVIDIA GPU is visible to this process, decided without importing torch (importing it
-    first would size its thread pool before OMP_NUM_THREADS is set)."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
-        return False
-    return bool(glob.glob("/dev/nvidia[0-9]*"))
-
-
-def default_threads(num_processes: int = 1, gpu: bool | None = None) -> int:
-    """CPU threads per process when the user did not set OMP_NUM_THREADS.
-
-    CPU-only: 1. With 2 threads and a busy neighbour a tiny step went from 0.06 s to 5 s on the 2-core
-    machines this project is tested on. With a GPU the CPU threads do other work (image preprocessing,
-    DeepSpeed's CPU Adam when the optimizer is offloaded, tokenizing): the cores are shared out among
-    the processes instead.
-
-    >>> default_threads(8, gpu=False), default_threads(1, gpu=True) >= 1
-    (1, True)
-    """
-    if not (gpu_visible() if gpu is None else gpu):
-        return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, num_processes))
-
-
-if "OMP_NUM_THREADS" not in os.environ and not gpu_visible():
-    os.environ["OMP_NUM_THREADS"] = str(default_threads(gpu=False))
+if "OMP_NUM_THREADS" not in os.environ and not hardware.gpu_visible():
+    os.environ["OMP_NUM_THREADS"] = str(hardware.default_threads(gpu=False))
+cli.register()
 
 __version__ = "0.1.0"
-
-from reinforce_cot import overrides as _overrides  # noqa: E402, F401  (registers key_check, which conf/train.yaml lists)

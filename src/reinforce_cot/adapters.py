@@ -111,6 +111,20 @@ def validate(cfg) -> None:
         log.info("peft=%s adapts %d modules, e.g. %s", cfg.peft.name, len(hits), hits[:3])
 
 
+def load_dtype(cfg) -> str:
+    """The dtype weights load in for training: fp32 when the config asks for bf16/fp16 full fine-tuning
+    with mixed precision and no DeepSpeed, else `model.dtype`.
+
+    Why: AdamW stepping 16-bit weights loses every update below half a bf16 ulp: at lr 1e-6 nearly all of
+    them. Mixed precision keeps fp32 master weights and computes in bf16 under autocast; DeepSpeed keeps its
+    own fp32 master copy, and peft trains fp32 adapters on a 16-bit base, so those load `model.dtype`."""
+    args = cfg.algo.args
+    mixed = bool(args.get("bf16") or args.get("fp16"))
+    if cfg.model.dtype in ("bfloat16", "float16") and mixed and not args.get("deepspeed") and not enabled(cfg):
+        return "float32"
+    return cfg.model.dtype
+
+
 def load_kwargs(cfg) -> dict:
     """Extra from_pretrained kwargs: the 4-bit quantization config for QLoRA, placed on this process' GPU."""
     if not quantized(cfg):

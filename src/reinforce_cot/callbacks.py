@@ -239,14 +239,7 @@ def evaluate_live(trainer, rows: list[dict], cfg) -> dict:
         unwrap_model_for_generation(trainer.model_wrapped, acc, gather_deepspeed3_params=gather) as model,
     ):
         was_training = model.training
-        e = cfg.eval
-        backend = generation.HFBackend(
-            model=model,
-            processing_class=trainer.processing_class,
-            data_cfg=cfg.data,
-            batch_size=e.batch_size,
-            max_new_tokens=e.max_new_tokens,
-        )
+        backend = generation.for_model(model, trainer.processing_class, cfg)
         shared = SharedGeneration(backend, acc.num_processes, acc.process_index)
         try:
             return evaluation.evaluate_backend(shared, rows, cfg)

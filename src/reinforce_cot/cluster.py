@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import logging
 import os
-import shlex
-import sys
 import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from reinforce_cot import hardware, rundir
 from reinforce_cot.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -116,7 +115,7 @@ def setup_job(cfg, run_dir: Path) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from reinforce_cot import preemption
+    from reinforce_cot import preemption  # imports transformers: only inside submitit jobs
 
     # USR2 (time-limit warning) and SIGTERM (preemption): checkpoint at the next step, then requeue
     preemption.install(run_dir, OmegaConf.select(HydraConfig.get(), "launcher.signal_delay_s", default=30))
@@ -128,8 +127,6 @@ def setup_job(cfg, run_dir: Path) -> None:
             "or use a hardware=slurm_* preset, which sets both"
         )
     if tasks.num_tasks > 1:
-        from reinforce_cot import hardware
-
         env = torch_distributed_env(tasks, os.environ.get("CUDA_VISIBLE_DEVICES"))
         os.environ.update(env | hardware.device_env(cfg))
         log.info("rank %s of %s on %s (master %s:%s)", env["RANK"], tasks.num_tasks, tasks.hostnames,
@@ -154,8 +151,6 @@ def quiet_other_ranks(run_dir: Path) -> None:
 def _record_start(run_dir: Path, tasks: Tasks) -> None:
     """One line per start of this job in backup/jobs.txt: a requeued job adds a line, with its restart count
     and where its submitit logs are."""
-    backup = run_dir / "backup"
-    backup.mkdir(parents=True, exist_ok=True)
     stdout = ""
     try:
         import submitit
@@ -172,17 +167,4 @@ def _record_start(run_dir: Path, tasks: Tasks) -> None:
         "nodes": ",".join(tasks.hostnames),
         "log": stdout,
     }
-    with open(backup / "jobs.txt", "a") as f:
-        f.write(" ".join(f"{k}={v}" for k, v in fields.items()) + "\n")
-
-
-def command_line() -> str:
-    """How this run was started: the command itself, or inside a submitit job the sweep's command (which the
-    launcher exports as RCOT_SWEEP_COMMAND) and the job's own overrides."""
-    sweep = os.environ.get("RCOT_SWEEP_COMMAND")
-    if not os.environ.get("SUBMITIT_EXECUTOR") or not sweep:
-        return shlex.join(sys.argv) + "\n"
-    from hydra.core.hydra_config import HydraConfig
-
-    job = shlex.join(["python", "train.py", *HydraConfig.get().overrides.task])
-    return f"sweep: {sweep}\njob:   {job}\n"
+    rundir.append_line(rundir.jobs_log(run_dir), " ".join(f"{k}={v}" for k, v in fields.items()))

@@ -1,9 +1,12 @@
 """Validation of a composed stage config: cross-field rules checked before any weights load.
 
-Each rule raises `ConfigError` with one line that names the key and the fix (verl's `???` fields and
-`__post_init__` checks, applied to Hydra configs). TRL's own config checks run too, because the
-trainer config is instantiated here once, and so do the optimizer's (lr, betas, eps, weight decay),
-by building the configured optimizer on a dummy parameter: torch checks them only after the model loads.
+`validate(cfg)` holds the checks every stage gets, whatever its kind (recipes.validate_stage runs it, then
+the kind's own `validate` from conf/stage/<kind>.yaml). Each rule raises `ConfigError` with one line that
+names the key and the fix (verl's `???` fields and `__post_init__` checks, applied to Hydra configs), e.g.
+`error: algo.args.num_generations=3 must divide the generation batch (...); use one of [2, 4, 8, ...]`.
+TRL's own config checks run too, because the trainer config is instantiated here once, and so do the
+optimizer's (lr, betas, eps, weight decay), by building the configured optimizer on a dummy parameter:
+torch checks them only after the model loads.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from reinforce_cot import adapters, hardware, memory, models, parts  # hardware and parts also register rc.conf / rc.mul
+from reinforce_cot import adapters, hardware, memory, models, parts
 from reinforce_cot.errors import ConfigError
 
 
@@ -46,10 +49,6 @@ def validate(cfg) -> None:
     from reinforce_cot import generation
 
     generation.validate(cfg)  # the backend's packages (vllm) and server settings
-    if (cfg.get("stage") or {}).get("kind") == "rejection_sample":
-        from reinforce_cot import rejection
-
-        rejection.validate(cfg)
     if cfg.eval.k < 0:
         raise ConfigError(f"eval.k={cfg.eval.k} must be >= 0 (samples per prompt; 0 skips sampled metrics)")
     from reinforce_cot import callbacks
@@ -60,7 +59,8 @@ def validate(cfg) -> None:
         from reinforce_cot import dynamic_sampling
 
         dynamic_sampling.validate(cfg)  # algo.dynamic_sampling: GRPO-based trainer, metric names a reward
-    hardware.validate(cfg)  # GPU-only settings (CUDA, vLLM, qlora + vLLM, DeepSpeed), before TRL's bf16 check
+    # GPU-only settings (CUDA, vLLM, DeepSpeed, what 4-bit weights rule out), before TRL's bf16 check
+    hardware.validate(cfg, quantized=adapters.quantized(cfg))
     _validate_trainer(a)  # TRL's own checks (in the launching parent without a CUDA device: no_cuda_context)
     adapters.validate(cfg)  # peft targets match modules; qlora needs CUDA + bitsandbytes
     parts.validate(cfg)  # model.freeze / optim.lr_multipliers name existing parts

@@ -26,14 +26,12 @@ backend with `.generate(rows, n, temperature, template)`).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from reinforce_cot import data, rewards
-from reinforce_cot.rundir import write_json
+from reinforce_cot import data, generation, reasoning, rewards, rundir
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +46,8 @@ def bucket(pass_rate: float, edges: list[float]) -> int:
 
 
 def answered_without_reasoning(text: str, gold: str, max_reasoning_chars: int | None) -> bool:
-    """A correct answer that came (nearly) without reasoning.
+    """A correct answer that came (nearly) without reasoning: at most `max_reasoning_chars` characters of
+    reasoning (reasoning.chain; None: any).
 
     >>> answered_without_reasoning("<answer>3</answer>", "3", 20)
     True
@@ -57,7 +56,7 @@ def answered_without_reasoning(text: str, gold: str, max_reasoning_chars: int | 
     """
     if not rewards.answers_match(rewards.extract_answer(text), gold):
         return False
-    return max_reasoning_chars is None or len(rewards.reasoning_text(text)) <= max_reasoning_chars
+    return max_reasoning_chars is None or len(reasoning.chain(text)) <= max_reasoning_chars
 
 
 def measure(backend, rows: list[dict], cc, out_dir: Path, split: str) -> list[dict]:
@@ -92,24 +91,23 @@ def measure(backend, rows: list[dict], cc, out_dir: Path, split: str) -> list[di
 
 
 def curate_stage(cfg, run_dir: Path, sid: str, splits: dict, results: dict | None = None) -> dict:
-    """Measure, filter and write the curated dataset; returns (and writes) the report."""
+    """Measure, filter and write the curated dataset (data/<sid>/); returns the report."""
     import torch
 
-    from reinforce_cot import generation, models
+    from reinforce_cot import models
 
     t0 = time.time()
     cc = cfg.curate
     torch.manual_seed(cfg.seed)
     path = models.resolve_path(cfg.model)
-    out_dir = run_dir / "data" / sid
+    out_dir = rundir.data(run_dir, sid)
     out_dir.mkdir(parents=True, exist_ok=True)
     with generation.load(cfg, path, cache_dir=out_dir) as backend:
         report = _curate(cfg, cc, backend, splits, out_dir, sid, path)
     report["wall_seconds"] = round(time.time() - t0, 1)
     report["data_dir"] = str(out_dir)
-    write_json(out_dir / "report.json", report)
+    rundir.write_json(out_dir / "report.json", report)
     (out_dir / "report.md").write_text(report_markdown(report))
-    write_json(run_dir / "result" / f"{sid}.json", report)
     return report
 
 
@@ -129,7 +127,7 @@ def _curate(cfg, cc, backend, splits: dict, out_dir: Path, sid: str, path: str) 
         measured = measure(backend, rows, cc, out_dir, split)
         kept, added, dropped, examples = [], defaultdict(list), Counter(), defaultdict(list)
         by_source = defaultdict(list)
-        audit = (out_dir / f"{split}_samples.jsonl").open("w")  # every sample, to check the numbers by hand
+        audit = []  # every sample, to check the numbers by hand
         for i, (row, m) in enumerate(zip(data.text_rows(rows), measured)):
             by_source[str(row.get("difficulty"))].append(m["pass_rate"])
             reason = None
@@ -139,7 +137,7 @@ def _curate(cfg, cc, backend, splits: dict, out_dir: Path, sid: str, path: str) 
                 reason = "easy_to_hack"  # answered right without reasoning within hack_tries
             elif not lo <= m["pass_rate"] <= hi:
                 reason = "pass_rate_outside_keep_range"
-            audit.write(json.dumps({"id": row.get("id"), "answer": row["answer"], **m, "dropped": reason}) + "\n")
+            audit.append({"id": row.get("id"), "answer": row["answer"], **m, "dropped": reason})
             if reason:
                 dropped[reason] += 1
                 if len(examples[reason]) < 5:
@@ -155,7 +153,7 @@ def _curate(cfg, cc, backend, splits: dict, out_dir: Path, sid: str, path: str) 
             added["pass_rate"].append(m["pass_rate"])
             added["difficulty"].append(bucket(m["pass_rate"], list(cc.buckets)))
             added["hack_correct"].append(m["hack_correct"])
-        audit.close()
+        generation.write_jsonl(out_dir / f"{split}_samples.jsonl", audit)
         files[split] = (rows.select(kept), dict(added) or {k: [] for k in ("pass_rate", "difficulty", "hack_correct")})
         counts = Counter(added["difficulty"])
         report["splits"][split] = {

@@ -203,6 +203,28 @@ def disjoint(train, test):
     return test.filter(lambda layouts: [x not in seen for x in layouts], input_columns="layout", batched=True)
 
 
+def load_splits(data_cfg) -> dict:
+    """The train and test splits of a data config (`load_split`); test rows whose content occurs in train
+    are dropped. Images stay undecoded (`fit_images`)."""
+    name = title(data_cfg)
+    train = load_split(data_cfg.train, "train", name)
+    test = load_split(data_cfg.test, "test", name)
+    if "layout" in train.column_names and "layout" in test.column_names:
+        test = disjoint(train, test)
+        if not len(test):
+            raise ConfigError(f"data={name}: every test row also occurs in train; raise data.test.n or fix the source")
+    return {"train": train, "test": test}
+
+
+def fit_images(splits: dict, model_cfg) -> dict:
+    """What a stage's trainer, evaluator, curation or rejection sampling reads: views whose images are
+    decoded when a row is read, at the model's `image_max_pixels` (reinforce_cot.images.capped)."""
+    from reinforce_cot import images
+
+    m = model_cfg
+    return {k: images.capped(ds, m.get("image_max_pixels"), m.get("image_factor", 28)) for k, ds in splits.items()}
+
+
 def head(ds, n: int | None):
     """The first `n` rows (all for None), as the same kind of split (a Dataset view, or a list)."""
     if n is None or n >= len(ds):

@@ -19,28 +19,17 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from reinforce_cot import data, evaluation, generation, models, report, rundir
+from reinforce_cot import cli, data, evaluation, generation, models, report, rundir
 from reinforce_cot.errors import ConfigError
-from reinforce_cot.main import CONF_DIR, _route_library_logs
 from reinforce_cot.overrides import keys
-from reinforce_cot.recipes import format_table, instantiate_rows, stage_splits
 
 log = logging.getLogger("reinforce_cot")
-
-
-def _run_dir_of(path: Path) -> Path | None:
-    """The run dir a checkpoint lives in (run/ckpt/<stage>/final), if any."""
-    for p in (path, *path.parents[:3]):
-        if (p / "backup" / "config.yaml").is_file():
-            return p
-    return None
 
 
 def _kind_of(path: Path) -> str:
@@ -62,11 +51,11 @@ def plan(cfg: DictConfig, ckpt: str, user_groups: set[str], own_result: Path) ->
             f"ckpt={ckpt}: no weights (*.safetensors) there nor in its ckpt/*/final; point it at a checkpoint "
             "folder (ckpt/<stage>/final) or a finished run dir"
         ) from None
-    run_dir = _run_dir_of(path)
+    run_dir = rundir.run_dir_of(path)
     ecfg = cfg.copy()
     with open_dict(ecfg):
         if run_dir is not None:
-            run_cfg = OmegaConf.load(run_dir / "backup" / "config.yaml")
+            run_cfg = OmegaConf.load(rundir.run_config(run_dir))
             if "model" not in user_groups:
                 ecfg.model = run_cfg.model
             if "data" not in user_groups:
@@ -75,13 +64,13 @@ def plan(cfg: DictConfig, ckpt: str, user_groups: set[str], own_result: Path) ->
             ecfg.model.kind = _kind_of(path)
         ecfg.model.path, ecfg.model.init_from = str(path), None
     evaluation.validate(ecfg)
-    stage = path.parent.name if path.name in ("final", "merged") else path.name
+    stage = path.parent.name if path.name in (rundir.FINAL, rundir.MERGED) else path.name
     if run_dir is not None:
-        out, name = run_dir / "result", f"{run_dir.name}/{stage}"
+        out, name = rundir.results(run_dir), f"{run_dir.name}/{stage}"
     else:
         out, name = own_result, stage
-    rows = instantiate_rows(ecfg.data.test, "test", data.title(ecfg.data))
-    rows = stage_splits(ecfg, data.settle_modality(ecfg, {"test": rows}))["test"]  # images at the model's cap
+    rows = data.load_split(ecfg.data.test, "test", data.title(ecfg.data))
+    rows = data.fit_images(data.settle_modality(ecfg, {"test": rows}), ecfg.model)["test"]  # at the model's cap
     evaluation.check_rows(rows, ecfg.data)
     return {
         "path": str(path),
@@ -100,7 +89,7 @@ def run(cfg: DictConfig, out_root: Path, overrides: list[str]) -> list[dict]:
     if not ckpts:
         raise ConfigError("ckpt=[]: give at least one checkpoint folder or run dir")
     user_groups = {key.split(".")[0] for key in keys(overrides)}
-    plans = [plan(cfg, c, user_groups, out_root / "result") for c in ckpts]  # every check before any weights
+    plans = [plan(cfg, c, user_groups, rundir.results(out_root)) for c in ckpts]  # every check before any weights
     rundir.write_provenance(out_root, cfg, overrides, {})
     rows = []
     for pl in plans:
@@ -109,8 +98,8 @@ def run(cfg: DictConfig, out_root: Path, overrides: list[str]) -> list[dict]:
             metrics = evaluation.evaluate_backend(backend, pl["rows"], pl["cfg"], pl["out"], pl["label"])
         log.info("wrote %s", pl["out"] / f"eval_{pl['label']}.json")
         rows.append(evaluation.table_row(pl["name"], metrics))
-    table = format_table(rows)
-    result = out_root / "result"
+    table = report.format_table(rows)
+    result = rundir.results(out_root)
     result.mkdir(parents=True, exist_ok=True)
     (result / "compare.md").write_text(table + "\n")
     summary: dict = {"rows": rows, "checkpoints": [pl["path"] for pl in plans]}
@@ -122,16 +111,12 @@ def run(cfg: DictConfig, out_root: Path, overrides: list[str]) -> list[dict]:
     return rows
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=str(cli.CONF_DIR), config_name="evaluate")
 def main(cfg: DictConfig):
     hc = HydraConfig.get()
-    _route_library_logs()
-    try:
+    cli.route_library_logs()
+    with cli.exit_on_user_error():
         return run(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
-    except ConfigError as e:
-        log.error("error: %s", e)
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

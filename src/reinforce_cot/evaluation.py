@@ -4,7 +4,7 @@ of reasoning (answer-only prompts), and reasoning-chain metrics (reinforce_cot.r
     python -m reinforce_cot.evaluate ckpt=<checkpoint folder or run dir> data=shapes_count
     python -m reinforce_cot.evaluate ckpt=[outputs/runA,outputs/runB]      # one table, one plot
 
-and the `evaluate` stage of every recipe. Generation goes through the configured backend
+and the `evaluate` stage of every recipe (`evaluate_stage`, at the end of this module). Generation goes through the configured backend
 (reinforce_cot.generation); with an output folder every generation is kept as JSONL there, so an
 interrupted evaluation (a server that died) resumes where it stopped.
 
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -270,23 +271,15 @@ def evaluate_backend(backend, rows: list[dict], cfg, out_dir: str | Path | None 
         {k: r[k] for k in ("id", "question", "answer", "completion", "correct")} for r in records[:20]
     ]
     if folder is not None:
-        from reinforce_cot import report, rundir
+        from reinforce_cot import generation, report, rundir
 
         folder.mkdir(parents=True, exist_ok=True)
-        report.write_jsonl(folder / "samples.jsonl", records)
+        generation.write_jsonl(folder / "samples.jsonl", records)
         metrics["plots"] = report.plots(metrics, records, folder)
         metrics["html"] = str(report.html(records, rows, folder / "samples.html", label, e.get("html_samples", 12)))
         full = {"label": label, "metrics": metrics, "config": OmegaConf.to_container(cfg, resolve=True)}
         rundir.write_json(Path(out_dir) / f"eval_{label}.json", full)
     return metrics
-
-
-def evaluate(model, processing_class, rows, cfg, out_dir=None, label: str = "model") -> dict:
-    """All metrics for a model in memory, through the configured in-process backend (hf)."""
-    from hydra.utils import instantiate
-
-    backend = instantiate(cfg.generation)(model=model, processing_class=processing_class, data_cfg=cfg.data)
-    return evaluate_backend(backend, rows, cfg, out_dir, label)
 
 
 def table_row(label: str, m: dict) -> dict:
@@ -308,3 +301,31 @@ def table_row(label: str, m: dict) -> dict:
         "consist": r.get("step_consistency"),
     }
     return row
+
+
+# ----------------------------------------------------------------------------- the `evaluate` recipe stage
+def evaluate_stage(cfg, run_dir: Path, sid: str, splits: dict, results: dict) -> dict:
+    """The `evaluate` stage kind (conf/stage/evaluate.yaml): each earlier stage's model (`stage.targets`) on
+    the test split -> result/eval_<stage>.json + eval_<stage>/ (plots, samples.html), then one table
+    (result/summary.{json,md}, logged) and one plot (result/compare.png); returns the table."""
+    from reinforce_cot import generation, models, report, rundir
+
+    out = rundir.results(run_dir)
+    rows = []
+    for target in cfg.stage.targets:
+        t0 = time.time()
+        path = str(models.checkpoint_folder(str(rundir.ckpt(run_dir, target))))
+        with generation.load(cfg, path, cache_dir=out / f"eval_{target}") as backend:
+            metrics = evaluate_backend(backend, splits["test"], cfg, out, label=target)
+        train = results.get(target) or {}
+        row = {"stage": target} | table_row(target, metrics)
+        row.pop("model")
+        rows.append(row | {"train_s": train.get("wall_seconds"), "eval_s": round(time.time() - t0, 1)})
+    table = report.format_table(rows)
+    log.info("results on %d held-out prompts:\n%s", min(len(splits["test"]), cfg.eval.max_prompts), table)
+    summary = {"stage": sid, "rows": rows}
+    if rows:
+        summary["plot"] = report.compare([r | {"model": r["stage"]} for r in rows], out / "compare.png")
+    rundir.summary(run_dir, ".md").write_text(table + "\n")
+    rundir.write_json(rundir.summary(run_dir), summary)
+    return summary

@@ -1,37 +1,23 @@
 """Hardware: one command for one or many processes, rank-0-only writes, and checks of GPU-only settings.
 
-How `python train.py hardware=cpu_ddp2` becomes two processes: `main` composes the config as usual; when
-`hardware.num_processes` > 1 and no torch.distributed environment is set (no RANK / LOCAL_RANK, i.e. not
-already under torchrun, accelerate launch, deepspeed or a Slurm task per GPU), it validates every stage
-(so bad input fails once, before any process starts) and re-executes itself under torchrun:
-
-    python -m torch.distributed.run --standalone --nproc_per_node N -m reinforce_cot.main <overrides> \
-        hydra.run.dir=<this run dir>
-
-Every child composes the same config into the SAME run dir (passed explicitly: `${now:}` would differ).
-Why torchrun and not `accelerate launch`: `accelerate launch --cpu --num_processes 2` silently runs one
-process; torchrun ships with torch, gives gloo on CPU and NCCL on GPUs, picks a free port (--standalone),
-and DeepSpeed needs no launcher of its own here: `algo.args.deepspeed=<json>` (conf/deepspeed/) makes
-transformers build accelerate's DeepSpeed plugin inside each process. The parent only waits and passes
-on the exit code.
-
-Only rank 0 writes: output.log (other ranks log to the console only, each line tagged with its rank),
-provenance (backup/), result JSON, final/ and merged/ (Trainer saves checkpoints on rank 0 itself),
-TensorBoard. Evaluate, curate, rejection_sample and merge stages run on rank 0; meanwhile the other
-ranks generate their share of its prompts on their own GPU (reinforce_cot.sharded) and otherwise wait
-on a gloo group with a long timeout, never at an NCCL barrier (whose watchdog fires after 30 min).
-
-Each stage runs in `stage_scope`: what it made (trainer, DeepSpeed engine, vLLM, generation models,
-accelerate state, environment variables) is gone when it ends, and on a GPU the log says how much
-memory is left. CPU threads: 1 per process on CPU-only machines, the cores shared out among the
-processes where a GPU is visible (reinforce_cot.default_threads), unless OMP_NUM_THREADS is set.
-
-DeepSpeed JIT-compiles its ops on first use (1-3 min on a CPU): they are kept in TORCH_EXTENSIONS_DIR,
-by default ~/.cache/reinforce_cot/torch_extensions, so later runs and the tests reuse them.
-
-    python train.py recipe=single algo=sft reward=none hardware=cpu_ddp2
-    python train.py recipe=single algo=sft reward=none hardware=cpu_zero2
+    python train.py recipe=single algo=sft reward=none hardware=cpu_ddp2     # 2 processes on the CPU
+    python train.py recipe=single algo=sft reward=none hardware=cpu_zero2    # the same under DeepSpeed ZeRO-2
     python train.py algo=gspo hardware=2xa100 model=qwen2_5_vl_3b
+
+How `hardware=cpu_ddp2` becomes two processes: when `hardware.num_processes` > 1 and no torch.distributed
+environment is set (`needs_launch`: not already under torchrun, accelerate launch, deepspeed or a Slurm task
+per GPU), reinforce_cot.main prepares the recipe (compose, validate, data: bad input fails once, before any
+process starts) and `launch` re-executes the command under torchrun into the SAME run dir (passed
+explicitly: `${now:}` would differ); the parent only waits and passes on the exit code. torchrun, not
+`accelerate launch` (whose `--cpu --num_processes 2` silently runs one process): it ships with torch, gives
+gloo on CPU and NCCL on GPUs, picks a free port; DeepSpeed needs no launcher of its own
+(`algo.args.deepspeed=<json>` makes transformers build accelerate's DeepSpeed plugin in each process).
+
+Only rank 0 writes to the run dir; evaluate, curate, rejection_sample and merge stages run on rank 0 while
+the other ranks generate their share of its prompts (reinforce_cot.sharded) and otherwise wait on a gloo
+group with a long timeout, never at an NCCL barrier (whose watchdog fires after 30 min). Each stage runs in
+`stage_scope`, so nothing it made outlives it. CPU threads: `default_threads`. DeepSpeed's JIT-compiled ops
+are kept in TORCH_EXTENSIONS_DIR (~/.cache/reinforce_cot/torch_extensions): compiled once (1-3 min on a CPU).
 """
 
 from __future__ import annotations
@@ -39,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import glob
 import importlib.util
 import json
 import logging
@@ -50,15 +37,35 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from reinforce_cot import default_threads
 from reinforce_cot.errors import ConfigError
 
 log = logging.getLogger(__name__)
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
 
-# `${rc.conf:deepspeed/zero2.json}`: an absolute path to a file under conf/, whatever the working dir
-OmegaConf.register_new_resolver("rc.conf", lambda rel: str(CONF_DIR / rel), replace=True)
+
+def gpu_visible() -> bool:
+    """Whether an NVIDIA GPU is visible to this process, decided without importing torch (importing it
+    first would size its thread pool before OMP_NUM_THREADS is set)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return False
+    return bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
+def default_threads(num_processes: int = 1, gpu: bool | None = None) -> int:
+    """CPU threads per process when the user did not set OMP_NUM_THREADS (reinforce_cot/__init__.py applies it).
+
+    CPU-only: 1. With 2 threads and a busy neighbour a tiny step went from 0.06 s to 5 s on the 2-core
+    machines this project is tested on. With a GPU the CPU threads do other work (image preprocessing,
+    DeepSpeed's CPU Adam when the optimizer is offloaded, tokenizing): the cores are shared out among
+    the processes instead.
+
+    >>> default_threads(8, gpu=False), default_threads(1, gpu=True) >= 1
+    (1, True)
+    """
+    if not (gpu_visible() if gpu is None else gpu):
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, num_processes))
 
 
 def rank() -> int:
@@ -182,18 +189,8 @@ def launch_command(cfg, run_dir: Path, overrides: list[str]) -> list[str]:
 
 
 def launch(cfg, run_dir: Path, overrides: list[str]) -> int:
-    """Validate every stage here, then run N copies of this command under torchrun; returns their exit code."""
-    from reinforce_cot import config as config_lib
-    from reinforce_cot import recipes
-
-    if not cfg.resume and not (run_dir / "backup" / "config.yaml").is_file():
-        from reinforce_cot import tiny
-
-        for scfg in recipes.compose_stages(cfg, overrides, run_dir).values():
-            with no_cuda_context():  # this process only waits: no ~0.5 GB context on GPU 0 for the whole run
-                config_lib.validate(scfg)
-            if scfg.stage.kind == "train" and not scfg.model.get("path"):
-                tiny.build(scfg.model)  # built once here, not raced by N processes
+    """Run N copies of this command under torchrun (`launch_command`) and wait; returns their exit code.
+    The caller has validated the recipe (reinforce_cot.recipes.prepare): this is process handling only."""
     cmd = launch_command(cfg, run_dir, overrides)
     log.info("starting %d processes: %s", cfg.hardware.num_processes, " ".join(cmd))
     # torchrun would set 1 thread per process; on GPU machines the cores are shared out instead
@@ -256,10 +253,10 @@ def cuda_versions() -> str:
     return f"torch {torch.__version__} built for CUDA {built or 'none (a CPU build)'}{need}, NVIDIA driver {driver}"
 
 
-def validate(cfg) -> None:
-    """Settings that need hardware or packages this machine may lack, checked before any weights load."""
-    from reinforce_cot import adapters
-
+def validate(cfg, quantized: bool = False) -> None:
+    """Settings that need hardware or packages this machine may lack, checked before any weights load.
+    `quantized`: the model loads in 4 bits (peft=qlora: reinforce_cot.adapters.quantized), which rules out
+    vLLM and ZeRO-3."""
     args, hw = cfg.algo.args, cfg.hardware
     n = int(hw.num_processes)
     if n < 1:
@@ -281,7 +278,7 @@ def validate(cfg) -> None:
             raise ConfigError(
                 f"algo.args.vllm_mode={args.get('vllm_mode')}: use colocate or server (hardware.vllm.vllm_mode)"
             )
-        if adapters.quantized(cfg):
+        if quantized:
             raise ConfigError(
                 f"peft={cfg.peft.name} with algo.args.use_vllm=true: TRL 1.16 pushes the 4-bit weights to vLLM "
                 "without their quantization state (trl#4973, unfixed in 1.16); add hardware.vllm.use_vllm=false, "
@@ -302,7 +299,7 @@ def validate(cfg) -> None:
             raise ConfigError(
                 f"hardware={hw.name} uses DeepSpeed but it is not installed: pip install deepspeed==0.19.8"
             )
-        if adapters.quantized(cfg) and zero(args)[0] == 3:
+        if quantized and zero(args)[0] == 3:
             raise ConfigError(
                 f"peft={cfg.peft.name} with ZeRO-3 (hardware={hw.name}): the 4-bit base is loaded whole on each "
                 "GPU (device_map, uint8 storage), which ZeRO-3 cannot partition; use "

@@ -11,6 +11,7 @@ after, and only the rows being read are decoded at all.
 How: `capped(ds, max_pixels, factor)` is a `datasets` view (`with_transform`) that decodes and fits the
 images of each row when it is read; every split a stage hands to its trainer, evaluator, curation or
 rejection sampling is such a view (reinforce_cot.recipes), so all of them see the same pixels.
+`data_url` is how an image leaves as text: to an OpenAI-compatible server, or inline in samples.html.
 
     >>> from PIL import Image
     >>> fit(Image.new("RGB", (8000, 8000)), max_pixels=401408, factor=28).size
@@ -124,3 +125,24 @@ def capped(ds, max_pixels: int | None, factor: int = 28, row_fn=None):
     if not {"image", "images"} & set(ds.column_names):
         return ds
     return ds.with_transform(functools.partial(decode_view, max_pixels=max_pixels, factor=factor, row_fn=row_fn))
+
+
+def data_url(image, side: int | None = None) -> str:
+    """A PIL image as a `data:image/png;base64,...` URL: what OpenAI-style servers accept (the exact
+    pixels) and what an HTML page shows inline. `side` rescales it first so that its longer side is `side`
+    pixels (nearest neighbour: drawn shapes stay crisp).
+
+    >>> from PIL import Image
+    >>> data_url(Image.new("RGB", (2, 1)), side=4)[:30]
+    'data:image/png;base64,iVBORw0K'
+    """
+    import base64
+
+    if side:
+        from PIL import Image
+
+        scale = side / max(image.size)
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()

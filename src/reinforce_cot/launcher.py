@@ -48,7 +48,7 @@ from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf
 
-from reinforce_cot import sweeps
+from reinforce_cot import cli, sweeps
 from reinforce_cot.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -200,10 +200,8 @@ class SubmititSweep:
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from submitit.core.utils import FailedJobError
 
-        try:
+        with cli.exit_on_user_error():
             self._preflight()
-        except ConfigError as e:
-            _exit_with(e)
         jobs, todo = plan_or_exit(self, job_overrides, initial_job_idx)
         os.environ["RCOT_SWEEP_COMMAND"] = shlex.join(["python", *sys.argv])  # jobs inherit the environment
         executor = self._executor()
@@ -219,7 +217,8 @@ class SubmititSweep:
         except FailedJobError as e:  # sbatch refused: its own words are the clearest reason
             lines = [line.strip().removeprefix("sbatch: error: ") for line in str(e).splitlines()]
             reason = " ".join(line for line in lines if line)
-            _exit_with(ConfigError(f"hydra/launcher={self._EXECUTOR}: sbatch refused the sweep: {reason}"))
+            with cli.exit_on_user_error():
+                raise ConfigError(f"hydra/launcher={self._EXECUTOR}: sbatch refused the sweep: {reason}") from None
         for job, run in zip(todo, submitted):
             job.ret = self._wait(run, job.overrides)
             job.slurm_job = run.job_id if self._EXECUTOR == "slurm" else None
@@ -241,17 +240,8 @@ class SubmititSweep:
 
 def plan_or_exit(launcher, job_overrides, initial_job_idx):
     """reinforce_cot.sweeps.plan for a launcher (every job, and those to run); an unsafe rerun exits 2."""
-    try:
+    with cli.exit_on_user_error():
         return sweeps.plan(launcher.config, launcher.hydra_context, job_overrides, initial_job_idx)
-    except ConfigError as e:
-        _exit_with(e)
-
-
-def _exit_with(error: ConfigError):
-    """The project's way out for bad input: one `error:` line, exit code 2 (Hydra would print a traceback)."""
-    log.error("error: %s", error)
-    print(f"error: {error}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def preflight_slurm(params: dict, config) -> None:

@@ -8,9 +8,11 @@
     python train.py hardware=cpu_ddp2                 # 2 processes: re-executed under torchrun (hardware.py)
     python train.py -m algo=grpo,gspo seed=0,1 hardware=slurm_1node_8gpu   # the same sweep on Slurm (slurm/sweeps.md)
 
-Flow: compose -> validate every stage (before any weights load) -> run dir + provenance -> stages
-(train: data -> model -> rewards -> TRL trainer -> train with auto-resume -> save; evaluate) -> table.
-Bad input ends with a one-line `error: ...` naming the key and the fix (exit code 2). Every failure, of a
+Flow: recipes.prepare (compose every stage, validate each, load and check its data: before any weights
+load, writing nothing) -> either recipes.run (provenance, then each stage: train = data -> model -> rewards
+-> TRL trainer -> train with auto-resume -> save; evaluate -> table) or, for N processes, hardware.launch
+(this command again under torchrun). Bad input ends with a one-line `error: ...` naming the key and the fix
+(exit code 2; reinforce_cot.cli); a generation server that died, one line and exit code 1. Every failure, of a
 run or of a sweep job, leaves result/FAILED with its reason (the contract: reinforce_cot.rundir); in a sweep
 the other jobs go on, and the sweep exits 1 listing the failed ones (reinforce_cot.sweeps.finish).
 """
@@ -18,7 +20,6 @@ the other jobs go on, and the sweep exits 1 listing the failed ones (reinforce_c
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import hydra
@@ -26,28 +27,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from reinforce_cot import hardware, recipes, rundir
+from reinforce_cot import cli, hardware, recipes, rundir
 from reinforce_cot.cluster import quiet_other_ranks, setup_job
-from reinforce_cot.errors import ConfigError
+from reinforce_cot.errors import UserError
 
 log = logging.getLogger("reinforce_cot")
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-
-
-def _route_library_logs() -> None:
-    """Send transformers/TRL logs through the root logger so they land in output.log too; no transformers
-    bars ("Loading weights", "Writing model shards" at every checkpoint): a stage shows one bar of its own
-    (reinforce_cot.callbacks). Hub downloads keep theirs (drawn on a terminal only)."""
-    import huggingface_hub.utils
-    import transformers
-
-    transformers.utils.logging.disable_default_handler()
-    transformers.utils.logging.enable_propagation()
-    transformers.utils.logging.set_verbosity_warning()
-    hub_bars = not huggingface_hub.utils.are_progress_bars_disabled()
-    transformers.utils.logging.disable_progress_bar()  # also the hub's ...
-    if hub_bars:  # ... which downloads keep, unless HF_HUB_DISABLE_PROGRESS_BARS=1
-        huggingface_hub.utils.enable_progress_bars()
 
 
 class JobFailed(RuntimeError):
@@ -55,29 +39,30 @@ class JobFailed(RuntimeError):
     failed and the launcher lists it (reinforce_cot.sweeps.finish); result/FAILED holds the reason."""
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=str(cli.CONF_DIR), config_name="train")
 def main(cfg: DictConfig):
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    overrides = list(hc.overrides.task)
     sweep = hc.mode == RunMode.MULTIRUN
-    _route_library_logs()
+    cli.route_library_logs()
     quiet_other_ranks(run_dir)  # a submitit task other than the first: output.log is rank 0's
     try:
         setup_job(cfg, run_dir)  # in a submitit job: torch.distributed env from its tasks
         hardware.default_env()
         hardware.setup_process_logging()  # ranks > 0 log to the console only
         log.info("run dir: %s", run_dir)
+        recipe = recipes.prepare(cfg, run_dir, overrides)  # compose (or reload), validate, data: writes nothing
         if not hardware.needs_launch(cfg):
-            return recipes.run(cfg, run_dir, list(hc.overrides.task))
+            return recipes.run(recipe)
+        del recipe  # the N processes prepare their own
         # N processes under torchrun, same run dir (reinforce_cot.hardware); rank 0 marks its own failure
-        code = hardware.launch(cfg, run_dir, list(hc.overrides.task))
+        code = hardware.launch(cfg, run_dir, overrides)
         if not code:
             return {"status": "ok", "processes": cfg.hardware.num_processes}
         reason, exit_code = rundir.failure(run_dir) or f"torchrun exited with code {code}", code
-    except ConfigError as e:
-        log.error("error: %s", e)
-        print(f"error: {e}", file=sys.stderr)
-        reason, exit_code = f"error: {e}", 2
+    except UserError as e:  # bad input (exit code 2), a generation server that died (1): one line, no traceback
+        reason, exit_code = cli.report(e), e.exit_code
     except Exception as e:
         if not sweep:
             _mark_failed(run_dir, f"{type(e).__name__}: {e}")

@@ -11,7 +11,7 @@ on top, for which `hardware.memory_reserve_gib` is kept free):
   config.json, from the local hub cache offline); T of them train (all but `model.freeze` parts; with
   peft only the adapters, A = r x (in + out) per adapted linear layer);
 - without DeepSpeed: weights in the dtype they load in (fp32 masters for mixed-precision full
-  fine-tuning, `models.load_dtype`), gradients and AdamW's two moments in the same dtype (16 B per
+  fine-tuning, `adapters.load_dtype`), gradients and AdamW's two moments in the same dtype (16 B per
   trainable fp32 parameter);
 - DeepSpeed ZeRO stage s over N processes (Rajbhandari et al. 2020): 16-bit weights (/N at stage 3), 16-bit
   gradients (/N from stage 2), fp32 master + Adam moments, 12 B per trainable parameter (/N from stage 1;
@@ -109,7 +109,7 @@ def estimate(cfg, model, config) -> Estimate:
     """Bytes per GPU for `cfg` on `model` (a meta-device skeleton) with transformers config `config`."""
     import torch
 
-    from reinforce_cot import adapters, hardware, models, parts
+    from reinforce_cot import adapters, hardware, parts
 
     args, hw = cfg.algo.args, cfg.hardware
     n = int(hw.num_processes)
@@ -144,7 +144,7 @@ def estimate(cfg, model, config) -> Estimate:
             grads = half * trainable / (n if stage >= 2 else 1)
             optimizer = 0 if off_opt else (12 if half == 2 else 8) * trainable / n
         else:
-            b = BYTES.get(models.load_dtype(cfg), 4)
+            b = BYTES.get(adapters.load_dtype(cfg), 4)
             weights, grads, optimizer = b * total, b * trainable, 2 * b * trainable
 
     # a frozen copy of the starting model for the KL term / DPO, in the policy's dtype (peft: the adapter is
@@ -152,7 +152,7 @@ def estimate(cfg, model, config) -> Estimate:
     reference = 0.0
     uses_ref = float(_field(args, "beta") or 0) > 0 if cfg.algo.kind == "rl" else cfg.algo.kind == "preference"
     if uses_ref and not adapters.enabled(cfg) and not args.get("precompute_ref_log_probs"):
-        reference = (half if stage else BYTES.get(models.load_dtype(cfg), 4)) * total / (n if stage == 3 else 1)
+        reference = (half if stage else BYTES.get(adapters.load_dtype(cfg), 4)) * total / (n if stage == 3 else 1)
 
     gpu = float(hw.gpu_memory_gib) * GiB
     colocate = bool(args.get("use_vllm")) and args.get("vllm_mode") == "colocate"
@@ -175,21 +175,21 @@ def estimate(cfg, model, config) -> Estimate:
 
 def _variants(cfg) -> list[tuple[str, object]]:
     """(the override a user would type, the config with it) for each setting that lowers memory per GPU."""
-    from reinforce_cot import adapters, hardware
+    from reinforce_cot import adapters, cli, hardware
 
     out = []
     n = int(cfg.hardware.num_processes)
     if not adapters.enabled(cfg):
         c = cfg.copy()
         with open_dict(c):
-            c.peft = OmegaConf.load(hardware.CONF_DIR / "peft" / "lora.yaml")
+            c.peft = OmegaConf.load(cli.CONF_DIR / "peft" / "lora.yaml")
         out.append(("peft=lora", c))
     stage, off_opt, _ = hardware.zero(cfg.algo.args)
     if n > 1:  # one process does not start DeepSpeed here (no launcher): ZeRO needs a multi-GPU preset
         for name in (["zero3"] if stage < 3 else []) + ([] if off_opt else ["zero3_offload"]):
             c = cfg.copy()
             with open_dict(c):
-                c.algo.args.deepspeed = OmegaConf.load(hardware.CONF_DIR / "deepspeed" / f"{name}.yaml").config
+                c.algo.args.deepspeed = OmegaConf.load(cli.CONF_DIR / "deepspeed" / f"{name}.yaml").config
             out.append((f"deepspeed={name}", c))
     return out
 

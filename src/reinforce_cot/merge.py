@@ -31,7 +31,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from reinforce_cot.errors import ConfigError
+from reinforce_cot import rundir
+from reinforce_cot.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 PROCESSOR_FILES = (
@@ -90,7 +91,7 @@ def merge_adapter(adapter_dir, out=None, dtype="auto") -> Path:
     base = json.loads(cfg_file.read_text()).get("base_model_name_or_path")
     if not base:
         raise ConfigError(f"ckpt={adapter_dir}: adapter_config.json names no base_model_name_or_path; set it")
-    out = Path(out).expanduser() if out else adapter_dir.parent / "merged"
+    out = Path(out).expanduser() if out else adapter_dir.parent / rundir.MERGED
     t0 = time.time()
     model = PeftModel.from_pretrained(_load(base, dtype), str(adapter_dir))
     merged = model.merge_and_unload()
@@ -195,21 +196,19 @@ def run(merge_cfg, out=None) -> Path:
 
 
 def merge_stage(cfg, run_dir: Path, sid: str, splits: dict, results: dict) -> dict:
-    """Recipe stage kind `merge`: merge.ckpts are earlier stage names (-> their checkpoints) or folders;
-    writes ckpt/<sid>/merged and result/<sid>.json."""
-    from reinforce_cot import rundir
-
+    """The `merge` stage kind (conf/stage/merge.yaml): merge.ckpts are earlier stage names (-> their
+    checkpoints) or folders; writes ckpt/<sid>/merged and returns the summary."""
     t0 = time.time()
-    by_name = {s.split("_", 1)[1]: s for s in results}
-    ckpts = [str(run_dir / "ckpt" / by_name[c]) if c in by_name else c for c in cfg.merge.ckpts]
+    by_name = _earlier_models(cfg)
+    ckpts = [str(rundir.ckpt(run_dir, by_name[c])) if c in by_name else c for c in cfg.merge.ckpts]
     if cfg.merge.mode == "adapter":  # a stage's adapter lives in its final/
-        ckpts = [str(Path(c) / "final") if (Path(c) / "final" / "adapter_config.json").is_file() else c for c in ckpts]
-    out = run_dir / "ckpt" / sid / "merged"
+        final = lambda c: Path(c) / rundir.FINAL  # noqa: E731
+        ckpts = [str(final(c)) if (final(c) / "adapter_config.json").is_file() else c for c in ckpts]
     spec = OmegaConf.create(
         {**OmegaConf.to_container(cfg.merge, resolve=True), "ckpts": ckpts, "dtype": cfg.model.dtype}
     )
-    path = run(spec, out)
-    summary = {
+    path = run(spec, rundir.merged(run_dir, sid))
+    return {
         "stage": sid,
         "mode": cfg.merge.mode,
         "ckpts": ckpts,
@@ -217,11 +216,14 @@ def merge_stage(cfg, run_dir: Path, sid: str, splits: dict, results: dict) -> di
         "merged": str(path),
         "wall_seconds": round(time.time() - t0, 1),
     }
-    rundir.write_json(run_dir / "result" / f"{sid}.json", summary)
-    return summary
 
 
-def validate_stage(cfg, stage_names: list[str]) -> None:
+def _earlier_models(cfg) -> dict[str, str]:
+    """Earlier stages of the recipe that made a model (`stage.targets`), by stage name -> stage id."""
+    return {rundir.stage_name(sid): sid for sid in cfg.stage.targets}
+
+
+def validate_stage(cfg) -> None:
     """A merge stage's settings, checked with the other stages before anything runs."""
     m = cfg.get("merge") or {}
     if m.get("mode", "adapter") not in ("adapter", "average"):
@@ -229,15 +231,18 @@ def validate_stage(cfg, stage_names: list[str]) -> None:
     ckpts = list(m.get("ckpts") or [])
     if not ckpts:
         raise ConfigError("merge.ckpts is empty; list earlier stage names or checkpoint folders")
+    names = list(_earlier_models(cfg))
     for c in ckpts:
-        if c not in stage_names and not Path(str(c)).expanduser().exists():
-            raise ConfigError(f"merge.ckpts: '{c}' is neither an earlier stage ({stage_names}) nor a folder")
+        if c not in names and not Path(str(c)).expanduser().exists():
+            raise ConfigError(f"merge.ckpts: '{c}' is neither an earlier stage with a model ({names}) nor a folder")
     if m.get("mode") == "average" and len(ckpts) < 2:
         raise ConfigError(f"merge.ckpts={ckpts}: averaging needs 2 or more checkpoints")
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m reinforce_cot.merge key=value ...` (keys: ckpt, ckpts, mode, weights, out, dtype)."""
+    from reinforce_cot import cli
+
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     args = OmegaConf.from_dotlist(list(sys.argv[1:] if argv is None else argv))
     unknown = set(args) - {"ckpt", "ckpts", "mode", "weights", "out", "dtype"}
@@ -247,9 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.get("ckpt") and not args.get("ckpts"):
             raise ConfigError("ckpt is required: python -m reinforce_cot.merge ckpt=<adapter dir> [out=<dir>]")
         out = run(args, args.get("out"))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        cli.report(e)
+        return e.exit_code
     print(out)
     return 0
 

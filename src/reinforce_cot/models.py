@@ -12,6 +12,7 @@ import json
 import logging
 from pathlib import Path
 
+from reinforce_cot import rundir
 from reinforce_cot.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -34,14 +35,13 @@ def checkpoint_folder(path: str) -> Path:
     if _has_weights(p):
         return p
     # a stage's ckpt dir (merged/ before final/), or a run dir (its newest stage)
-    candidates = [p / "merged", p / "final"] + sorted(p.glob("ckpt/*/merged")) + sorted(p.glob("ckpt/*/final"))
-    candidates = [c for c in candidates if _has_weights(c)]
+    candidates = [c for c in rundir.saved_models(p) if _has_weights(c)]
     if not candidates:
         raise ConfigError(
             f"model.init_from={path}: no weights (*.safetensors) there nor in its ckpt/*/final; "
             "point it at a checkpoint folder or a finished run dir"
         )
-    return max(candidates, key=lambda c: (c.parent.name, c.name == "merged"))
+    return max(candidates, key=lambda c: (c.parent.name, c.name == rundir.MERGED))
 
 
 def _has_weights(p: Path) -> bool:
@@ -92,22 +92,6 @@ def model_config(model_cfg):
         ) from None
 
 
-def load_dtype(cfg) -> str:
-    """The dtype weights load in for training: fp32 when the config asks for bf16/fp16 full fine-tuning
-    with mixed precision and no DeepSpeed, else `model.dtype`.
-
-    Why: AdamW stepping 16-bit weights loses every update below half a bf16 ulp: at lr 1e-6 nearly all of
-    them. Mixed precision keeps fp32 master weights and computes in bf16 under autocast; DeepSpeed keeps its
-    own fp32 master copy, and peft trains fp32 adapters on a 16-bit base, so those load `model.dtype`."""
-    from reinforce_cot import adapters
-
-    args = cfg.algo.args
-    mixed = bool(args.get("bf16") or args.get("fp16"))
-    if cfg.model.dtype in ("bfloat16", "float16") and mixed and not args.get("deepspeed") and not adapters.enabled(cfg):
-        return "float32"
-    return cfg.model.dtype
-
-
 def load_processing_class(path: str, model_cfg):
     """Processor for VLMs, tokenizer for LMs, loaded from `path` (folder or hub id).
 
@@ -133,7 +117,7 @@ def load_processing_class(path: str, model_cfg):
 
 
 def load_model(path: str, model_cfg, dtype: str | None = None, **kwargs):
-    """`from_pretrained` with the configured dtype (or `dtype`: `load_dtype` for training) and attention;
+    """`from_pretrained` with the configured dtype (or `dtype`: `adapters.load_dtype` for training) and attention;
     VLMs via AutoModelForImageTextToText. `kwargs` go to from_pretrained too (QLoRA's quantization_config
     and device_map)."""
     import torch

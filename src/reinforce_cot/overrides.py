@@ -18,14 +18,13 @@ line naming the stages and how to target one.
 Why keys under a group are not refused at the root: Hydra checks every override against the config your
 command composes, whose groups need not be a stage's (recipe=kimi's rl stage picks sampler=curriculum, the
 root has sampler=uniform, which has no `alpha`). conf/train.yaml lists `key_check: per_stage` (registered
-below): it opens those group nodes and adds `stages: {}`, and this module checks every key against each
+by reinforce_cot.cli from STAGE_GROUPS and TARGET): it opens those group nodes and adds `stages: {}`, and this module checks every key against each
 stage's own config instead. Entry points without stages (conf/evaluate.yaml) keep Hydra's check
 (`key_check: hydra`).
 """
 
 from __future__ import annotations
 
-from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from omegaconf import OmegaConf
@@ -36,18 +35,6 @@ from reinforce_cot.errors import ConfigError
 # are the same in every stage, and the global-package presets, which have no node of their own).
 STAGE_GROUPS = ("model", "data", "algo", "reward", "sampler", "peft", "generation", "logger", "hardware")
 TARGET = "stages"  # stages.<name>.<override>
-
-
-def _register() -> None:
-    per_stage = OmegaConf.create({key: {} for key in (*STAGE_GROUPS, TARGET)})
-    for key in per_stage:
-        OmegaConf.set_struct(per_stage[key], False)  # kept when the group's file merges into it
-    store = ConfigStore.instance()
-    store.store(group="key_check", name="per_stage", node=per_stage, package="_global_")
-    store.store(group="key_check", name="hydra", node={}, package="_global_")
-
-
-_register()
 
 
 def parse(lines: list[str]) -> list[Override]:

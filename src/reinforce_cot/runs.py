@@ -1,5 +1,5 @@
-"""Read run dirs back for comparison: what each run was asked (its overrides), what it measured (result JSON),
-and its TensorBoard curves. notebooks/compare_runs.ipynb draws a sweep's plots from these.
+"""Compare many run dirs: what each run was asked (its overrides), what it measured (result JSON), and its
+TensorBoard curves. notebooks/compare_runs.ipynb draws a sweep's plots from these.
 
     from reinforce_cot import runs
     dirs = runs.run_dirs("multirun/2026-01-01/12-00-00")     # the sweep's jobs, in job order
@@ -7,7 +7,9 @@ and its TensorBoard curves. notebooks/compare_runs.ipynb draws a sweep's plots f
     curves = runs.scalars(dirs[0], "train/loss")             # {stage: [(step, value), ...]}
 
 A run is labelled by the overrides that differ between the runs compared (`reward=kimi_length seed=1`);
-`aggregate` averages rows over seeds. Plain dicts and lists: pandas is optional.
+`aggregate` averages rows over seeds. What one run dir holds, and its status, is reinforce_cot.rundir's
+(this module reads through it). Rows are plain dicts: `pandas.DataFrame(rows)` makes a frame (pandas is a
+declared dependency, which the notebook uses).
 """
 
 from __future__ import annotations
@@ -15,8 +17,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-
-from omegaconf import OmegaConf
 
 from reinforce_cot import rundir
 from reinforce_cot.overrides import parse
@@ -26,56 +26,41 @@ def run_dirs(folder: str | Path) -> list[Path]:
     """Run dirs under a sweep folder (multirun/<date>/<time>/) or any folder of run dirs (outputs/): every
     sub-folder holding backup/ or result/, numbered jobs in job order."""
     folder = Path(folder)
-    if (folder / "backup").is_dir():
+    if rundir.backup(folder).is_dir():
         return [folder]
-    found = [p for p in folder.iterdir() if p.is_dir() and ((p / "backup").is_dir() or (p / "result").is_dir())]
+    found = [p for p in folder.iterdir() if p.is_dir() and (rundir.backup(p).is_dir() or rundir.results(p).is_dir())]
     return sorted(found, key=lambda p: (0, int(p.name), "") if p.name.isdigit() else (1, 0, p.name))
-
-
-def overrides(run_dir: Path) -> list[str]:
-    path = Path(run_dir) / "backup" / "overrides.yaml"
-    return [str(o) for o in OmegaConf.load(path)] if path.exists() else []
 
 
 def labels(dirs: list[Path], ignore: tuple[str, ...] = ("output_root", "hydra.", "resume")) -> dict[Path, dict]:
     """For each run, the overrides whose value is not the same in every run: {key: value}.
 
     Two runs of `-m seed=0,1 algo=sft` are told apart by seed alone."""
-    parsed = {d: {o.key_or_group: o.get_value_string() for o in parse(overrides(d)) if o.value_type} for d in dirs}
+    parsed = {
+        d: {o.key_or_group: o.get_value_string() for o in parse(rundir.overrides(d)) if o.value_type} for d in dirs
+    }
     parsed = {d: {k: v for k, v in kv.items() if not k.startswith(ignore)} for d, kv in parsed.items()}
     keys = sorted({k for kv in parsed.values() for k in kv})
     varying = [k for k in keys if len({kv.get(k) for kv in parsed.values()}) > 1]
     return {d: {k: parsed[d].get(k, "-") for k in varying} for d in dirs}
 
 
-def status(run_dir: Path) -> str:
-    """ok (summary written), failed (result/FAILED: rundir.failure says why), or incomplete (still running, or
-    killed from outside: resumable). The contract is in reinforce_cot.rundir."""
-    if rundir.failure(run_dir) is not None:
-        return "failed"
-    return "ok" if (Path(run_dir) / "result" / "summary.json").exists() else "incomplete"
-
-
 def train_results(run_dir: Path) -> dict[str, dict]:
     """result/<stage>.json of every train stage (the ones with a log_history), by stage id."""
-    out = {}
-    for path in sorted((Path(run_dir) / "result").glob("[0-9][0-9]_*.json")):
-        data = json.loads(path.read_text())
-        if "log_history" in data:
-            out[path.stem] = data
-    return out
+    return {sid: r for sid, r in rundir.stage_results(run_dir).items() if "log_history" in r}
 
 
 def table(dirs: list[Path]) -> list[dict]:
-    """One row per (run, evaluated stage) from result/summary.json, with the run's labels, job and status;
-    a run without a summary still gets a row (status failed/incomplete) so that nothing silently drops out."""
+    """One row per (run, evaluated stage) from result/summary.json, with the run's labels, job and status
+    (rundir.status); a run without a summary still gets a row, so that nothing silently drops out."""
     rows = []
     for d, label in labels(dirs).items():
-        base = {"run": d.name, **label, "status": status(d)}
-        summary = Path(d) / "result" / "summary.json"
+        base = {"run": d.name, **label, "status": rundir.status(d)}
+        summary = rundir.summary(d)
         stages = json.loads(summary.read_text())["rows"] if summary.exists() else [{}]
+        trained = train_results(d)
         for stage in stages:
-            train = train_results(d).get(stage.get("stage", ""), {})
+            train = trained.get(stage.get("stage", ""), {})
             rows.append({**base, **stage, "steps": train.get("global_step")})
     return rows
 
@@ -119,22 +104,10 @@ def scalars(run_dir: Path, tag: str, wall_time: bool = False) -> dict[str, list[
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = {}
-    for stage_dir in sorted((Path(run_dir) / "tensorboard").glob("*")):
+    for stage_dir in sorted(rundir.tensorboard(run_dir).glob("*")):
         acc = EventAccumulator(str(stage_dir), size_guidance={"scalars": 0})
         acc.Reload()
         if tag in acc.Tags().get("scalars", []):
             points = {e.step: (e.value, e.wall_time) for e in acc.Scalars(tag)}
             out[stage_dir.name] = [(s, *v) if wall_time else (s, v[0]) for s, v in sorted(points.items())]
     return out
-
-
-def scalar_tags(run_dir: Path) -> list[str]:
-    """Every scalar tag any stage of a run logged."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    tags = set()
-    for stage_dir in (Path(run_dir) / "tensorboard").glob("*"):
-        acc = EventAccumulator(str(stage_dir), size_guidance={"scalars": 0})
-        acc.Reload()
-        tags.update(acc.Tags().get("scalars", []))
-    return sorted(tags)

@@ -6,17 +6,17 @@ processes (hardware=cpu_ddp2, 2xa100, Slurm tasks) the other ranks do not sit id
 evaluation on 8 GPUs takes about an eighth of the time, and no rank waits inside NCCL, whose watchdog
 kills a process after `ddp_timeout` (30 min).
 
-    rank 0: with sharded.leading(): stage(...)              ranks 1..N-1: sharded.follow()
-      generation.load(cfg, path)   -- load cfg, path -->      generation.load_here(cfg, path)
-      backend.generate(rows, n)    -- their batches  -->      generate them; results gathered on rank 0
-      backend.close()              -- close          -->      drop the model, free its memory
-      (the stage ends)             -- end            -->      return   (an exception on rank 0: abort)
+    rank 0: with sharded.leading(): stage(...)                  ranks 1..N-1: sharded.follow()
+      generation.load(cfg, path)   -- load load_here, cfg, path -->  load_here(cfg, path)
+      backend.generate(rows, n)    -- their batches             -->  generate them; results gathered on rank 0
+      backend.close()              -- close                     -->  drop the model, free its memory
+      (the stage ends)             -- end                       -->  return   (an exception on rank 0: abort)
 
 HFBackend cuts the prompts into the same batches whatever the number of ranks, batch i runs on rank
 i % N, and each batch is seeded from its own content: generations, and so metrics, equal those of a
 1-process run (tests/test_sharded.py). Every message is a pickled object on hardware.wait_group (gloo,
-long timeout): rows travel with their images, one round of batches at a time. Backends that are not
-in-process (vllm, openai) are not shared: rank 0 generates alone while the others wait for `end`.
+long timeout): rows travel with their images, one round of batches at a time. Backends that do not
+`shares_ranks` (vllm, openai) are not shared: rank 0 generates alone while the others wait for `end`.
 
     python train.py hardware=cpu_ddp2            # the evaluate stage generates on both processes
 """
@@ -58,9 +58,8 @@ def leading():
 
 
 def follow() -> None:
-    """Ranks > 0: do what rank 0's stage asks (load, generate, close) until it ends."""
-    from reinforce_cot import generation
-
+    """Ranks > 0: do what rank 0's stage asks (load, generate, close) until it ends. A `load` names its
+    loader (a function, pickled by name), so this module needs nothing of the generation package."""
     backend = None
     while True:
         op, arg = _scatter(None)
@@ -72,7 +71,8 @@ def follow() -> None:
             if op == "load":
                 if backend is not None:
                     backend.close()
-                backend = generation.load_here(*arg)
+                loader, *args = arg
+                backend = loader(*args)
                 reply = None
             elif op == "generate":
                 batches, (n, temperature, template) = arg

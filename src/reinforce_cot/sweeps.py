@@ -4,12 +4,13 @@
     python train.py -m seed=0,1,2 algo=grpo,gspo hydra/launcher=slurm hydra.sweep.dir=multirun/<date>/<time>
 
 Running the same sweep again into its sweep dir (`hydra.sweep.dir=`, which the failed sweep prints as
-its rerun command) runs only the jobs whose run dir has not finished: failed ones (result/FAILED), ones
-killed or cut short (no result/summary.json), ones that never started. Each goes into its own run dir
-again, `<sweep dir>/<job num>`, where recipes.run resumes it from its last checkpoint (or starts it
-afresh when it failed before it started: the old result/FAILED moves to backup/rerun-<time>/). Jobs
-already done are not submitted. The rerun is refused before anything is submitted when a job's run dir
-was made by different overrides (another sweep's dir) or its Slurm job is still queued or running.
+its rerun command) runs only the jobs whose run dir has not finished (reinforce_cot.rundir.status): failed
+ones (result/FAILED), ones killed or cut short (a stage without its result/<stage>.json), ones that never
+started. Each goes into its own run dir again, `<sweep dir>/<job num>`, where it resumes from its last
+checkpoint (or starts afresh when it failed before it started: the old result/FAILED moves to
+backup/rerun-<time>/). Jobs already done are not submitted. The rerun is refused before anything is
+submitted when a job's run dir was made by different overrides (another sweep's dir) or its Slurm job is
+still queued or running.
 
 Every launcher (sequential, local, slurm) ends with `finish`: one table row per job of the sweep, done
 earlier or now (job, the overrides that vary between jobs, Slurm job id and its sacct state, result,
@@ -32,7 +33,7 @@ from pathlib import Path
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from omegaconf import OmegaConf, open_dict
 
-from reinforce_cot import rundir, runs
+from reinforce_cot import rundir
 from reinforce_cot.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -62,15 +63,12 @@ def plan(config, hydra_context, job_overrides: Sequence[Sequence[str]], first: i
     for job in jobs:
         job.run_dir = _job_dir(config, hydra_context, job)
     _check_rerun(jobs, sweep_dir)
-    todo = [j for j in jobs if runs.status(j.run_dir) != "ok"]
+    todo = [j for j in jobs if rundir.status(j.run_dir) != "ok"]
     stamp = time.strftime("%Y%m%d_%H%M%S")
     for job in todo:
-        reason = rundir.failure(job.run_dir)
-        if reason is not None and not (job.run_dir / "backup" / "config.yaml").is_file():
+        if rundir.failure(job.run_dir) is not None and not rundir.is_run_dir(job.run_dir):
             # failed before it started (not resumable): the job starts afresh; keep why the last try failed
-            keep = job.run_dir / "backup" / f"rerun-{stamp}"
-            keep.mkdir(parents=True, exist_ok=True)
-            (job.run_dir / rundir.FAILED).replace(keep / "FAILED")
+            rundir.keep_failure(job.run_dir, f"rerun-{stamp}")
     done = [j for j in jobs if j not in todo]
     for job in done:
         job.slurm_job = _last_slurm_job(job.run_dir)
@@ -89,7 +87,7 @@ def _job_dir(config, hydra_context, job: Job) -> Path:
 
 def _check_rerun(jobs: list[Job], sweep_dir: Path) -> None:
     for job in jobs:
-        recorded = runs.overrides(job.run_dir)
+        recorded = rundir.overrides(job.run_dir)
         if recorded and sorted(recorded) != sorted(job.overrides):
             raise ConfigError(
                 f"hydra.sweep.dir={sweep_dir}: job {job.num} there ran with {' '.join(recorded)}, but this sweep's "
@@ -107,7 +105,7 @@ def _check_rerun(jobs: list[Job], sweep_dir: Path) -> None:
 
 def _last_slurm_job(run_dir: Path | None) -> str | None:
     """The Slurm job id of the newest start of a job (backup/jobs.txt, reinforce_cot.cluster), if on Slurm."""
-    path = run_dir / "backup" / "jobs.txt" if run_dir else None
+    path = rundir.jobs_log(run_dir) if run_dir else None
     if path is None or not path.is_file() or not path.read_text().strip():
         return None
     fields = dict(f.split("=", 1) for f in path.read_text().splitlines()[-1].split(" ") if "=" in f)
@@ -138,7 +136,7 @@ def finish(jobs: list[Job], sweep_dir: Path) -> None:
     """Log the table (and write <sweep dir>/sweep.md); when any job failed, list those on stderr with the
     rerun command and exit 1 (the contract: reinforce_cot.rundir). A job failed when Hydra says so: main
     raised (JobFailed: bad input, an exception, a torchrun child), or it ended without a result."""
-    from reinforce_cot.recipes import format_table
+    from reinforce_cot.report import format_table
 
     for job in jobs:
         if job.run_dir is None and job.ret is not None and job.ret.hydra_cfg is not None:
@@ -184,7 +182,7 @@ def _varying(overrides: list[list[str]]) -> set[str]:
 
 def _final_metric(run_dir: Path | None) -> dict:
     """The last evaluated stage's greedy accuracy (result/summary.json), '-' without one."""
-    summary = run_dir / "result" / "summary.json" if run_dir else None
+    summary = rundir.summary(run_dir) if run_dir else None
     if summary is None or not summary.is_file():
         return {"final stage": "-", "greedy_acc": "-"}
     import json

@@ -218,5 +218,6 @@ def _tiny_vlm(tok, tiny: dict):
 if __name__ == "__main__":
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(Path(__file__).parents[2] / "conf" / "model" / "tiny_vlm.yaml")
-    print(build(cfg))
+    from reinforce_cot.cli import CONF_DIR
+
+    print(build(OmegaConf.load(CONF_DIR / "model" / "tiny_vlm.yaml")))

@@ -25,11 +25,11 @@ from reinforce_cot import (
     parts,
     preemption,
     rewards,
+    rundir,
     sampling,
     vllm_images,
 )
 from reinforce_cot import data as data_lib
-from reinforce_cot.rundir import write_json
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def last_checkpoint(ckpt_dir: Path) -> str | None:
 
 def _logger_env(cfg, run_dir: Path, sid: str) -> None:
     """Point TRL's logger callbacks at the run dir (they read these variables when created)."""
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard" / sid)
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(rundir.tensorboard(run_dir, sid))
     if "wandb" in cfg.logger.report_to:
         os.environ["WANDB_DIR"] = str(run_dir)
         os.environ["WANDB_PROJECT"] = cfg.logger.project
@@ -69,19 +69,19 @@ def wandb_run_id(run_dir: Path, sid: str) -> str:
 
 
 def train_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: dict | None = None) -> dict:
-    """Train one stage; returns (and writes to result/<sid>.json) its summary."""
+    """Train one stage (the `train` kind, conf/stage/train.yaml); returns its summary."""
     from transformers import set_seed
 
     t0 = time.time()
     set_seed(cfg.seed)
-    ckpt_dir = run_dir / "ckpt" / sid
+    ckpt_dir = rundir.ckpt(run_dir, sid)
     train_ds = build_dataset(cfg, splits["train"])
     columns = list(train_ds[0]) if train_ds.format["type"] == "custom" else train_ds.column_names  # a view: its rows
     log.info("[%s] dataset: %d rows, columns %s", sid, len(train_ds), columns)
 
     path = models.resolve_path(cfg.model)
     processing_class = models.load_processing_class(path, cfg.model)
-    model = models.load_model(path, cfg.model, dtype=models.load_dtype(cfg), **adapters.load_kwargs(cfg))
+    model = models.load_model(path, cfg.model, dtype=adapters.load_dtype(cfg), **adapters.load_kwargs(cfg))
     parts.freeze(model, cfg)
 
     _logger_env(cfg, run_dir, sid)
@@ -121,7 +121,7 @@ def train_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: dict | None
     preemption.attach(trainer)  # in a Slurm job: USR2/SIGTERM -> checkpoint at the next step -> requeue
     out = trainer.train(resume_from_checkpoint=resume_from)
 
-    final = ckpt_dir / "final"
+    final = rundir.final(run_dir, sid)
     trainer.save_model(str(final))
     if trainer.is_world_process_zero():
         processing_class.save_pretrained(str(final))
@@ -133,7 +133,7 @@ def train_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: dict | None
         from reinforce_cot.merge import merge_adapter
 
         with hardware.local_loading():  # rank 0 alone: no ZeRO-3 partitioning of the base it loads
-            merged = str(merge_adapter(final, ckpt_dir / "merged", cfg.model.dtype))
+            merged = str(merge_adapter(final, rundir.merged(run_dir, sid), cfg.model.dtype))
     summary = {
         "stage": sid,
         "algo": cfg.algo.name,
@@ -148,9 +148,6 @@ def train_stage(cfg, run_dir: Path, sid: str, splits: dict, earlier: dict | None
         "distributed_type": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1],  # NO, MULTI_CPU, DEEPSPEED..
         "log_history": trainer.state.log_history,
     }
-    if trainer.is_world_process_zero():
-        write_json(run_dir / "result" / f"{sid}.json", summary)
-    preemption.stage_done()  # a signal after the last step: requeue now (this stage is done)
     numbers = callbacks.summary(trainer.state, callbacks.progress_keys(cfg), summary["wall_seconds"])
     log.info("[%s] done: %s -> %s", sid, numbers, final)
     hardware.release_trainer(trainer)  # DeepSpeed engine, colocated vLLM; the rest goes with the stage (stage_scope)
