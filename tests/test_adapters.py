@@ -62,7 +62,11 @@ def test_lora_stage_writes_adapter_and_merged_model(lora_run):
     base, after = load_file(Path(base_dir) / "model.safetensors"), load_file(merged / "model.safetensors")
     assert all(torch.equal(base[k], after[k]) for k in base if k.startswith("visual."))
     assert any(not torch.equal(base[k], after[k]) for k in base if "self_attn.q_proj.weight" in k)
-    adapted = {k.split(".lora_")[0].removeprefix("base_model.model.") for k in adapter_keys}
+    # module paths (model.language_model.layers.*) as saved: transformers writes Qwen2.5-VL's hub key names
+    adapted = {
+        k.split(".lora_")[0].removeprefix("base_model.model.").replace("model.language_model.", "model.")
+        for k in adapter_keys
+    }
     assert_every_tensor_moved(base, after, keys=[f"{m}.weight" for m in adapted])  # every adapted module trained
 
     mcfg = compose_cfg("recipe=single").model

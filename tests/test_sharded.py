@@ -174,7 +174,7 @@ PartialState(cpu=True)  # as a CPU stage's TrainingArguments sets it up (a GPU o
 if hardware.rank() == 0:
     time.sleep(6)  # rank 0 alone: a merge, plots, an evaluation through a server...
 hardware.barrier()
-print("rank", hardware.rank(), "waited", flush=True)
+sys.stdout.write(f"rank {hardware.rank()} waited\\n")  # one write: the two ranks share the pipe
 """
 
 

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from reinforce_cot import runs, tiny, training
+from reinforce_cot import rundir, runs, tiny, training
 from tests.helpers import ROOT, Run, assert_every_tensor_moved, run_in_process
 
 
 def _assert_run_dir(run: Run, sid: str, cli: bool = True) -> Path:
     d = run.dir
-    if cli:  # the CLI names the run dir <date>_<time>_<recipe> (in process, the test names it)
-        assert re.fullmatch(r"\d{8}_\d{6}_single", d.name), d.name
+    if cli:  # the CLI names it <date>_<time>_<recipe name>; recipe=single's name is the algo's (in process: tmp/run)
+        assert re.fullmatch(rf"\d{{8}}_\d{{6}}_{rundir.stage_name(sid)}", d.name), d.name
     for f in ["backup/config.yaml", "backup/overrides.yaml", "backup/git.txt", "backup/pip_freeze.txt"]:
         assert (d / f).is_file(), f
     assert "torch==2.13.0" in (d / "backup/pip_freeze.txt").read_text()
