@@ -199,6 +199,9 @@ def _validate(overrides: list[str], run_dir: Path, cfg=None) -> None:
             VALIDATED.add(key)
 
 
+# slow: each command composes 3-10 configs (a recipe's stages, each twice: reinforce_cot.overrides), ~370
+# distinct compositions at ~0.1-0.3 s, ~100 s in all; the harvest-rule tests below stay in make test-fast
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "text", COMMANDS, ids=[t or "(no overrides)" for t in COMMANDS]
 )  # one test per distinct command
