@@ -191,7 +191,7 @@ def _zero(ctx: Context, stage: int) -> dict:
         raise Skip("deepspeed is not installed (its sdist did not build here?)")
     run = ctx.train(
         f"zero{stage}", "recipe=single", "algo=grpo", "debug=smoke", *ctx.hw,
-        f"algo.args.deepspeed=${{rc.conf:deepspeed/zero{stage}.json}}", torchrun=True,
+        f"deepspeed=zero{stage}", torchrun=True,
     )  # fmt: skip
     res = _json(run / "result" / "01_grpo.json")
     assert res["distributed_type"] == "DEEPSPEED" and res["global_step"] == 4, res["distributed_type"]

@@ -1,28 +1,43 @@
-"""Shared fixtures: a per-session tiny-model cache, and `train(...)` which runs the real CLI.
+"""Fixtures every test module may use, and the suite's tiers (helpers that are not fixtures: tests/helpers.py).
 
-Tests call `python train.py ...` in a subprocess, as a user would: Hydra composition, the run dir,
-logging and exit codes are part of what is tested. Sizes are shrunk through `debug=smoke` (and
-explicit overrides); assertions are not.
+Tiers (pyproject.toml registers the markers; `--strict-markers` refuses others):
+- unmarked: units, composition, validation, bad input in process: `make test-fast` runs only these. They
+  train nothing: a test that trains (in process or through `train`), starts torchrun or a server, or takes
+  more than a few seconds is marked `slow` (placed by measured `--durations`, each with a comment saying
+  how long), and a test asking for a fixture that trains must be (checked at collection, below).
+- `slow`: end-to-end runs through the real CLI and TRL, in process or as subprocesses (`make test` runs all).
+- `slurm`: the real local Slurm cluster; all on one xdist worker (`--dist loadgroup`).
+
+Tests call `python train.py ...` in a subprocess where the CLI itself is under test (Hydra composition, the
+run dir, logging and exit codes), and `run_in_process` where only what the run wrote is. Sizes are shrunk
+through `debug=smoke` (and explicit overrides, each with a comment); assertions are not.
 """
 
 from __future__ import annotations
 
-import json
+import fcntl
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+from tests.helpers import ROOT, hydra_on_conf, run_train, slurm_skip_reason
+
+# Fixtures that train a model: a test asking for one is end-to-end, so it must be marked slow.
+TRAINING_FIXTURES = {"sft_checkpoint", "sft_text_checkpoint"}
+
+
+def _session_dir(tmp_path_factory, worker_id: str) -> Path:
+    """A folder every xdist worker of this session shares (each worker's basetemp is a child of it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base if worker_id == "master" else base.parent
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _env(tmp_path_factory):
-    # One tiny-model cache for the whole session: every test reuses the same built folder.
-    os.environ.setdefault("RCOT_CACHE", str(tmp_path_factory.mktemp("rcot_cache")))
+def _env(tmp_path_factory, worker_id):
+    # One tiny-model cache for the session, shared by the workers (tiny.build writes a folder atomically).
+    os.environ.setdefault("RCOT_CACHE", str(_session_dir(tmp_path_factory, worker_id) / "rcot_cache"))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", "offline")
@@ -30,126 +45,90 @@ def _env(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(items):
-    # One local Slurm cluster serves the whole session: keep its tests on one xdist worker, so one worker
-    # starts it and stops it, and none stops it under another.
     for item in items:
+        # One local Slurm cluster serves the whole session: keep its tests on one xdist worker, so one worker
+        # starts it and stops it, and none stops it under another.
         if item.get_closest_marker("slurm"):
             item.add_marker(pytest.mark.xdist_group("slurm"))
+        trains = TRAINING_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if trains and not item.get_closest_marker("slow"):
+            raise pytest.UsageError(f"{item.nodeid} uses {sorted(trains)}, which train a model: mark it slow")
 
 
-class Run:
-    """A finished `python train.py` call: exit code, output, and its run dir."""
-
-    def __init__(self, proc: subprocess.CompletedProcess, root: Path):
-        self.returncode, self.stdout, self.stderr = proc.returncode, proc.stdout, proc.stderr
-        dirs = sorted(p for p in root.rglob("backup") if p.is_dir())
-        self.dir = dirs[-1].parent if dirs else None
-
-    def result(self, name: str) -> dict:
-        return json.loads((self.dir / "result" / name).read_text())
-
-    def __repr__(self):
-        return (
-            f"Run(rc={self.returncode}, dir={self.dir})\nSTDOUT:\n{self.stdout[-3000:]}\nSTDERR:\n{self.stderr[-3000:]}"
-        )
-
-
-def run_train(tmp_path: Path, *overrides: str, timeout: int = 600, env: dict | None = None) -> Run:
-    out = tmp_path / "outputs"
-    cmd = [sys.executable, str(ROOT / "train.py"), f"output_root={out}", *overrides]
-    proc = subprocess.run(
-        cmd, cwd=tmp_path, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
-    )
-    return Run(proc, tmp_path)
-
-
-def kill_at_checkpoint(tmp_path: Path, pattern: str, *overrides: str, env: dict | None = None) -> Path:
-    """Start `python train.py <overrides>` and SIGKILL it (as a preemption would: no clean-up) as soon as a
-    complete checkpoint matching `pattern` (under output_root) appears; returns the run dir, checked to be
-    unfinished."""
-    import os
-    import signal
-    import time
-
-    out = tmp_path / "outputs"
-    cmd = [sys.executable, str(ROOT / "train.py"), f"output_root={out}", *overrides]
-    env = {**os.environ, **(env or {})}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    state, deadline = None, time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        found = list(out.glob(f"*/ckpt/{pattern}/trainer_state.json"))
-        if found:
-            state = found[0]
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    proc.wait()
-    assert state is not None, "no checkpoint appeared before the run ended"
-    run_dir = state.parents[3]
-    assert not list((run_dir / "result").glob("[0-9][0-9]_*.json")), "the run finished before it was killed"
-    return run_dir
+@pytest.fixture
+def hydra_ctx():
+    """Hydra's global state initialised on conf/, for tests that call `compose` or `recipes.compose_stages`."""
+    with hydra_on_conf():
+        yield
 
 
 @pytest.fixture
 def train(tmp_path):
-    def _train(*overrides: str, **kw) -> Run:
+    """`train(*overrides)`: `python train.py <overrides>` in tmp_path (helpers.run_train)."""
+
+    def _train(*overrides: str, **kw):
         return run_train(tmp_path, *overrides, **kw)
 
     return _train
 
 
-@pytest.fixture(scope="session")
-def sft_checkpoint(tmp_path_factory) -> Path:
-    """A tiny VLM after a short SFT: RL tests start here, since RL from random weights gets no reward
-    signal at all (every completion scores 0, so every advantage and gradient is 0)."""
-    tmp = tmp_path_factory.mktemp("sft")
-    run = run_train(
-        tmp,
-        "recipe=single",
-        "algo=sft",
-        "reward=none",
-        "data.train.n=1200",  # ~75 steps of 16: enough for the format and some correct answers
-        "algo.args.per_device_train_batch_size=16",
-        "eval.max_prompts=16",
-        "eval.k=2",
-        "generation.batch_size=8",  # 2+ batches per generation: test_sharded shares them between 2 ranks
-    )
+def _shared_once(tmp_path_factory, worker_id: str, name: str, make) -> Path:
+    """`make(folder)` once per session for all xdist workers (the first one builds, the others wait on a file
+    lock, then reuse): a checkpoint fixture would otherwise train once per worker. Returns what make returned."""
+    root = _session_dir(tmp_path_factory, worker_id)
+    done = root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            done.write_text(str(make(root / name)))
+    return Path(done.read_text())
+
+
+def _sft(folder: Path, *overrides: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    run = run_train(folder, "recipe=single", "algo=sft", "reward=none", *overrides)
     assert run.returncode == 0, run
     return run.dir / "ckpt" / "01_sft" / "final"
 
 
 @pytest.fixture(scope="session")
-def sft_text_checkpoint(tmp_path_factory) -> Path:
+def sft_checkpoint(tmp_path_factory, worker_id) -> Path:
+    """A tiny VLM after a short SFT: RL tests start here, since RL from random weights gets no reward
+    signal at all (every completion scores 0, so every advantage and gradient is 0)."""
+    return _shared_once(
+        tmp_path_factory,
+        worker_id,
+        "sft",
+        lambda folder: _sft(
+            folder,
+            "data.train.n=1200",  # ~75 steps of 16: enough for the format and some correct answers
+            "algo.args.per_device_train_batch_size=16",
+            "eval.max_prompts=16",
+            "eval.k=2",
+            "generation.batch_size=8",  # 2+ batches per generation: test_sharded shares them between 2 ranks
+        ),
+    )
+
+
+@pytest.fixture(scope="session")
+def sft_text_checkpoint(tmp_path_factory, worker_id) -> Path:
     """The text twin of `sft_checkpoint`: tiny_lm after a short SFT on arithmetic (~15 s), so that RL on a
     text model has completions that differ in reward (measured: format reward mean 0.14, 62% of groups
     with non-zero reward spread)."""
-    tmp = tmp_path_factory.mktemp("sft_text")
-    run = run_train(
-        tmp,
-        "recipe=single",
-        "algo=sft",
-        "reward=none",
-        "model=tiny_lm",
-        "data=arithmetic",
-        "data.train.n=1200",
-        "algo.args.per_device_train_batch_size=16",
-        "eval.max_prompts=16",
-        "eval.k=2",
+    return _shared_once(
+        tmp_path_factory,
+        worker_id,
+        "sft_text",
+        lambda folder: _sft(
+            folder,
+            "model=tiny_lm",
+            "data=arithmetic",
+            "data.train.n=1200",
+            "algo.args.per_device_train_batch_size=16",
+            "eval.max_prompts=16",
+            "eval.k=2",
+        ),
     )
-    assert run.returncode == 0, run
-    return run.dir / "ckpt" / "01_sft" / "final"
-
-
-def slurm_skip_reason() -> str | None:
-    """Why the `slurm` tests cannot run here, or None: slurm/local_cluster.sh needs root, and Slurm's
-    Debian packages or apt-get to install them."""
-    import shutil
-
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return "needs root: slurm/local_cluster.sh runs the Slurm daemons as SlurmUser=root"
-    if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
-        return "Slurm is not installed and apt-get is unavailable to install it"
-    return None
 
 
 @pytest.fixture(scope="session")
@@ -175,49 +154,11 @@ def slurm_cluster() -> dict:
         subprocess.run([*script, "stop"], env=env, capture_output=True, timeout=120)
 
 
-class Sweep:
-    """A finished `python train.py -m ...`: exit code, output, the sweep folder and its job run dirs."""
-
-    def __init__(self, proc: subprocess.CompletedProcess, root: Path):
-        self.returncode, self.stdout, self.stderr = proc.returncode, proc.stdout, proc.stderr
-        found = sorted(p.parent for p in root.rglob("multirun.yaml"))  # Hydra writes it in the sweep folder
-        self.dir = found[-1] if found else None
-
-    def job(self, num: int) -> Path:
-        return self.dir / str(num)
-
-    def jobs(self) -> list[Path]:
-        return sorted((p for p in self.dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
-
-    def result(self, num: int, name: str) -> dict:
-        return json.loads((self.job(num) / "result" / name).read_text())
-
-    def __repr__(self):
-        return f"Sweep(rc={self.returncode}, dir={self.dir})\nSTDOUT:\n{self.stdout[-4000:]}\nSTDERR:\n{self.stderr[-4000:]}"
-
-
-def sweep_env(extra: dict | None = None) -> dict:
-    """The environment of a sweep's driver, which its jobs inherit (sbatch exports it): this checkout's
-    src/ first, so jobs import the code under test."""
-    env = {**os.environ, **(extra or {})}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
-    return env
-
-
-def run_sweep(tmp_path: Path, *overrides: str, timeout: int = 600, env: dict | None = None, wait=None) -> Sweep:
-    """`python train.py -m <overrides>` from tmp_path (so multirun/ lands there). `wait(proc)`, if given, runs
-    while the sweep does (to act on a running job)."""
-    cmd = [sys.executable, str(ROOT / "train.py"), "-m", f"output_root={tmp_path / 'outputs'}", *overrides]
-    out, err = tmp_path / "driver.out", tmp_path / "driver.err"  # files, not pipes: nobody reads them meanwhile
-    with open(out, "w") as fo, open(err, "w") as fe:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=fo, stderr=fe, text=True, env=sweep_env(env))
-        try:
-            if wait is not None:
-                wait(proc)
-            proc.wait(timeout=timeout)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    done = subprocess.CompletedProcess(cmd, proc.returncode, out.read_text(), err.read_text())
-    return Sweep(done, tmp_path)
+@pytest.fixture
+def slurm(slurm_cluster, tmp_path):
+    """The cluster's client environment; jobs a test leaves behind (driver killed by a timeout) are cancelled."""
+    yield slurm_cluster
+    out = subprocess.run(["squeue", "-h", "-o", "%i %Z"], env=slurm_cluster, capture_output=True, text=True).stdout
+    mine = [job for job, _, workdir in (line.partition(" ") for line in out.splitlines()) if workdir == str(tmp_path)]
+    if mine:
+        subprocess.run(["scancel", *mine], env=slurm_cluster)

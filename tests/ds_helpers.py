@@ -1,9 +1,10 @@
 """Helpers of tests/test_dynamic_sampling.py: a reward that makes every other group uniform, and one real GRPO
 stage run in this process (`training.train_stage`) that records what every micro-batch trained.
 
-Run by torchrun for the 2-process test, each rank writing `<out>/rank<r>.json`:
+Run by torchrun for the 2-process test, each rank writing `<out>/rank<r>.json` (from the repository root, or
+with it on PYTHONPATH: the reward's `_target_` is tests.ds_helpers.half_uniform):
 
-    torchrun --nproc_per_node 2 tests/ds_helpers.py <sft checkpoint> <out dir> [override ...]
+    torchrun --nproc_per_node 2 -m tests.ds_helpers <sft checkpoint> <out dir> [override ...]
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ import json
 import sys
 from pathlib import Path
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+from tests.helpers import compose_cfg
 
 # the test reward as config overrides: every other group of each call uniform, the others mixed
 HALF_UNIFORM = [
     "reward=none",
-    "+reward.half.fn._target_=ds_helpers.half_uniform",
+    "+reward.half.fn._target_=tests.ds_helpers.half_uniform",
     "+reward.half.fn._partial_=true",
     "+reward.half.fn.group_size=${algo.args.num_generations}",
     "+reward.half.weight=1.0",
@@ -38,21 +39,8 @@ def half_uniform(completions: list, group_size: int, **_) -> list[float]:
 
 
 def compose(sft: Path | str, *overrides: str):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra_compose(
-            config_name="train",
-            overrides=[
-                "recipe=single",
-                "algo=dapo",
-                "debug=smoke",
-                f"model.init_from={sft}",
-                *HALF_UNIFORM,
-                *overrides,
-            ],
-        )
+    """One DAPO stage from the SFT checkpoint `sft`, rewarded by `half_uniform`."""
+    return compose_cfg("recipe=single", "algo=dapo", "debug=smoke", f"model.init_from={sft}", *HALF_UNIFORM, *overrides)
 
 
 def run_stage(sft: Path | str, run_dir: Path, *overrides: str) -> dict:
@@ -83,7 +71,6 @@ def run_stage(sft: Path | str, run_dir: Path, *overrides: str) -> dict:
 if __name__ == "__main__":
     import os
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # the reward's _target_ is ds_helpers.half_uniform
     sft, out, *extra = sys.argv[1:]
     got = run_stage(sft, Path(out) / "run", *extra)
     rank = int(os.environ.get("RANK", "0"))

@@ -120,6 +120,10 @@ def gpus(monkeypatch, n: int = 8) -> None:
     import trl.trainer.grpo_trainer  # noqa: F401
     import trl.trainer.rloo_trainer  # noqa: F401  (imported for real first: with vllm "found" they would import it)
 
+    # TRL imports vllm at module level where find_spec finds it (trl.generation): its trainers must be imported
+    # before vllm "appears", or the first test to pretend in a process fails on `import vllm`
+    for module in ("trl.trainer.grpo_trainer", "trl.trainer.rloo_trainer"):
+        importlib.import_module(module)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)

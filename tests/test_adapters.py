@@ -11,27 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from reinforce_cot import adapters, config, data, merge, models, parts, tiny
 from reinforce_cot.errors import ConfigError
+from tests.helpers import ROOT, assert_every_tensor_moved, compose_cfg, run_in_process, run_train
 
-ROOT = Path(__file__).resolve().parents[1]
 # fp32 on CPU: the merged W + s*B@A and the adapter's x@W + s*(x@A)@B differ only by rounding (measured
 # max |diff| 3e-7 on logits of size ~1, while the adapter moves logits by ~0.3 against the base)
 LOGIT_ATOL = 1e-5
 
 
-def _compose(*overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=["recipe=single", *overrides])
-
-
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
-    from conftest import run_train
-
+    """One LoRA SFT stage through the real CLI (~10 s), shared by the tests of its outputs."""
     run = run_train(
         tmp_path_factory.mktemp("lora"), "recipe=single", "algo=sft", "reward=none", "peft=lora", "debug=smoke"
     )
@@ -48,6 +41,8 @@ def _inputs(processor):
     return processor(text=[text], images=[row["image"]], return_tensors="pt")
 
 
+@pytest.mark.slow  # lora_run: ~10 s
+@pytest.mark.xdist_group("lora_run")  # one worker builds the module fixture
 def test_lora_stage_writes_adapter_and_merged_model(lora_run):
     from peft import PeftModel
 
@@ -67,8 +62,14 @@ def test_lora_stage_writes_adapter_and_merged_model(lora_run):
     base, after = load_file(Path(base_dir) / "model.safetensors"), load_file(merged / "model.safetensors")
     assert all(torch.equal(base[k], after[k]) for k in base if k.startswith("visual."))
     assert any(not torch.equal(base[k], after[k]) for k in base if "self_attn.q_proj.weight" in k)
+    # module paths (model.language_model.layers.*) as saved: transformers writes Qwen2.5-VL's hub key names
+    adapted = {
+        k.split(".lora_")[0].removeprefix("base_model.model.").replace("model.language_model.", "model.")
+        for k in adapter_keys
+    }
+    assert_every_tensor_moved(base, after, keys=[f"{m}.weight" for m in adapted])  # every adapted module trained
 
-    mcfg = _compose().model
+    mcfg = compose_cfg("recipe=single").model
     processor = models.load_processing_class(str(merged), mcfg)
     inputs = _inputs(processor)
     with torch.no_grad():
@@ -86,6 +87,8 @@ def _cli(*args):
     )
 
 
+@pytest.mark.slow  # lora_run, then `python -m reinforce_cot.merge`: ~15 s
+@pytest.mark.xdist_group("lora_run")  # one worker builds the module fixture
 def test_standalone_merge_command_matches_the_stage_merge(lora_run, tmp_path):
     final = lora_run.dir / "ckpt" / "01_sft" / "final"
     proc = _cli(f"ckpt={final}", f"out={tmp_path / 'm'}")  # the real `python -m` entry, once
@@ -104,8 +107,10 @@ def test_merge_command_errors(tmp_path, capsys):
     assert "error: weight: unknown key" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # lora_run
+@pytest.mark.xdist_group("lora_run")  # one worker builds the module fixture
 def test_weight_averaging_with_weights(lora_run, tmp_path):
-    start = tiny.build(_compose().model)  # the same architecture before training
+    start = tiny.build(compose_cfg("recipe=single").model)  # the same architecture before training
     merged = lora_run.dir / "ckpt" / "01_sft" / "merged"
     out = tmp_path / "avg"
     assert merge.main(["mode=average", f"ckpts=[{start},{merged}]", "weights=[1,3]", f"out={out}"]) == 0
@@ -117,7 +122,10 @@ def test_weight_averaging_with_weights(lora_run, tmp_path):
 
 
 def test_averaging_different_architectures_is_an_error(tmp_path):
-    vlm, lm = tiny.build(_compose().model), tiny.build(_compose("model=tiny_lm").model)
+    vlm, lm = (
+        tiny.build(compose_cfg("recipe=single").model),
+        tiny.build(compose_cfg("recipe=single", "model=tiny_lm").model),
+    )
     with pytest.raises(ConfigError, match="have different architectures .*Qwen2ForCausalLM"):
         merge.average([vlm, lm], None, tmp_path / "x")
     with pytest.raises(ConfigError, match=r"merge.weights=\[1.0\]: give one non-negative weight per checkpoint"):
@@ -127,11 +135,11 @@ def test_averaging_different_architectures_is_an_error(tmp_path):
 
 
 def test_vision_tower_is_adapted_on_request():
-    cfg = _compose("peft=lora", "peft.target_parts=[language_model,vision]")
+    cfg = compose_cfg("recipe=single", "peft=lora", "peft.target_parts=[language_model,vision]")
     peft_cfg, hits = adapters.lora_config(cfg, parts.skeleton(cfg.model))
     assert any(h.startswith("model.visual.blocks.") and h.endswith(".attn.qkv") for h in hits)
     assert not any("merger" in h or h == "lm_head" for h in hits)  # projector and output head left out
-    only_lm = adapters.lora_config(_compose("peft=lora"), parts.skeleton(cfg.model))[1]
+    only_lm = adapters.lora_config(compose_cfg("recipe=single", "peft=lora"), parts.skeleton(cfg.model))[1]
     assert len(only_lm) == 14 and all(h.startswith("model.language_model.layers.") for h in only_lm)  # 2 layers x 7
 
 
@@ -154,12 +162,12 @@ def test_bad_adapter_settings_fail_at_validation(overrides, message):
     if "peft=qlora" in overrides and torch.cuda.is_available():
         pytest.skip("CUDA present: qlora is allowed here")
     with pytest.raises(ConfigError, match=message):
-        config.validate(_compose(*overrides))
+        config.validate(compose_cfg("recipe=single", *overrides))
 
 
-def test_merge_stage_averages_sft_and_rl(train):
-    run = train("recipe=sft_rl_merge", "debug=smoke", "merge.weights=[0.3,0.7]")
-    assert run.returncode == 0, run
+@pytest.mark.slow  # SFT, RL, merge and evaluation stages, in process: ~10 s
+def test_merge_stage_averages_sft_and_rl(tmp_path):
+    run = run_in_process(tmp_path, "recipe=sft_rl_merge", "debug=smoke", "merge.weights=[0.3,0.7]")
     ck = run.dir / "ckpt"
     sft, rl, avg = (
         load_file(ck / s / sub / "model.safetensors")

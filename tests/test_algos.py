@@ -1,5 +1,5 @@
-"""RLOO and DPO through the real CLI and TRL, on the tiny VLM (images) and the tiny text model; preference
-pairs and the errors for data that cannot feed DPO."""
+"""RLOO and DPO through the real recipe code and TRL (in process), on the tiny VLM (images) and the tiny text
+model; preference pairs and the errors for data that cannot feed DPO."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import json
 
 import pytest
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
 
 from reinforce_cot import data, preference
 from reinforce_cot.errors import ConfigError
+from tests.helpers import CONF, assert_every_tensor_moved, changed_tensors, run_in_process
 
 MODELS = {
     "tiny_vlm": {"rl": [], "preference": ["data=shapes_count_pref"]},
@@ -18,19 +18,15 @@ MODELS = {
 }
 
 
-def _changed(before, after) -> list[str]:
-    a, b = load_file(before / "model.safetensors"), load_file(after / "model.safetensors")
-    assert a.keys() == b.keys()
-    return [k for k in a if not (a[k] == b[k]).all()]
-
-
+@pytest.mark.slow  # ~20 s each: 4 RLOO steps and an evaluation
 @pytest.mark.parametrize("model", list(MODELS))
-def test_rloo_smoke(train, request, model):
-    start = request.getfixturevalue("sft_checkpoint" if model == "tiny_vlm" else "sft_text_checkpoint")
-    run = train("recipe=single", "algo=rloo", "debug=smoke", f"model.init_from={start}", *MODELS[model]["rl"])
-    assert run.returncode == 0, run
+def test_rloo_smoke(tmp_path, sft_checkpoint, sft_text_checkpoint, model):
+    start = sft_checkpoint if model == "tiny_vlm" else sft_text_checkpoint
+    run = run_in_process(
+        tmp_path, "recipe=single", "algo=rloo", "debug=smoke", f"model.init_from={start}", *MODELS[model]["rl"]
+    )
     final = run.dir / "ckpt" / "01_rloo" / "final"
-    assert _changed(start, final)
+    assert_every_tensor_moved(start, final)
     history = run.result("01_rloo.json")["log_history"]
     assert run.result("01_rloo.json")["global_step"] == 4
     logged = {k for h in history for k in h}
@@ -38,30 +34,31 @@ def test_rloo_smoke(train, request, model):
     assert "RLOOTrainer" in (run.dir / "backup/stages/01_rloo.yaml").read_text()
 
 
+@pytest.mark.slow  # ~20 s each: 4 DPO steps and an evaluation
 @pytest.mark.parametrize("model", list(MODELS))
-def test_dpo_smoke(train, request, model):
-    start = request.getfixturevalue("sft_checkpoint" if model == "tiny_vlm" else "sft_text_checkpoint")
-    run = train("recipe=single", "algo=dpo", "debug=smoke", f"model.init_from={start}", *MODELS[model]["preference"])
-    assert run.returncode == 0, run
+def test_dpo_smoke(tmp_path, caplog, sft_checkpoint, sft_text_checkpoint, model):
+    start = sft_checkpoint if model == "tiny_vlm" else sft_text_checkpoint
+    caplog.set_level("INFO")
+    run = run_in_process(
+        tmp_path, "recipe=single", "algo=dpo", "debug=smoke", f"model.init_from={start}", *MODELS[model]["preference"]
+    )
     final = run.dir / "ckpt" / "01_dpo" / "final"
-    changed = _changed(start, final)
-    assert changed
-    if model == "tiny_vlm":  # the images reached the model: the vision tower got gradients too
-        assert any(k.startswith("visual.") for k in changed), changed
+    assert_every_tensor_moved(start, final)  # on tiny_vlm: the images reached the model, the vision tower moved too
+    if model == "tiny_vlm":
+        assert any(k.startswith("visual.") for k in changed_tensors(start, final))
     history = run.result("01_dpo.json")["log_history"]
     margins = [h["rewards/margins"] for h in history if "rewards/margins" in h]
     assert len(margins) == 4 and margins[0] == 0.0  # step 1: policy == reference (the SFT start)
     assert any(m != 0.0 for m in margins[1:])  # then the policy moves away from its reference
-    log = (run.dir / "output.log").read_text()
-    assert log.count("dataset: 96 rows, columns ['prompt', 'chosen', 'rejected'") == 1
+    assert caplog.text.count("dataset: 96 rows, columns ['prompt', 'chosen', 'rejected'") == 1
 
 
-def test_dpo_on_data_without_pairs_fails_before_weights(train):
-    run = train("recipe=single", "algo=dpo", "debug=smoke")
-    assert run.returncode == 2, run
-    assert "error: algo=dpo needs preference pairs but data=shapes_count rows have no chosen/rejected" in run.stderr
-    assert "data=shapes_count_pref" in run.stderr
-    assert "loaded Qwen2_5_VL" not in run.stdout + run.stderr and run.dir is None  # no weights, no run dir yet
+def test_dpo_on_data_without_pairs_fails_before_weights(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        run_in_process(tmp_path, "recipe=single", "algo=dpo", "debug=smoke")
+    assert "algo=dpo needs preference pairs but data=shapes_count rows have no chosen/rejected" in str(e.value)
+    assert "data=shapes_count_pref" in str(e.value)
+    assert not (tmp_path / "run").exists()  # found before any weights load or anything is written
 
 
 def test_synthetic_pairs_differ_only_where_reasoning_goes_wrong():
@@ -81,7 +78,7 @@ def test_synthetic_pairs_differ_only_where_reasoning_goes_wrong():
 def _jsonl(tmp_path, recs):
     p = tmp_path / "pairs.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
-    return data.jsonl_rows(str(p), None, OmegaConf.load("conf/data/jsonl.yaml").fields)
+    return data.jsonl_rows(str(p), None, OmegaConf.load(CONF / "data" / "jsonl.yaml").fields)
 
 
 def test_jsonl_pairs_load_and_format(tmp_path):

@@ -16,14 +16,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import TrainerControl, TrainerState
 
 from reinforce_cot import callbacks, config, data, evaluation, generation, models, runs, training
+from tests.helpers import compose_cfg
 
-ROOT = Path(__file__).resolve().parents[1]
+# one GRPO stage of the tiny text model, at debug=smoke sizes
+GRPO_LM = ("recipe=single", "algo=grpo", "model=tiny_lm", "data=arithmetic", "debug=smoke")
 RL_KEYS = {"reward": "reward", "acc": "rewards/accuracy/mean", "len": "completions/mean_length", "loss": "loss"}
 
 
@@ -105,30 +106,23 @@ def test_bad_eval_during_training_settings_are_config_errors(bad):
     from reinforce_cot.errors import ConfigError
 
     with pytest.raises(ConfigError, match=bad.split()[-1].split("=")[0].replace(".", r"\.")):
-        config.validate(_compose(*bad.split()))
+        config.validate(compose_cfg(*GRPO_LM, *bad.split()))
 
 
 # ------------------------------------------------------------------------------ evaluation during training
-def _compose(*overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(
-            config_name="train",
-            overrides=["recipe=single", "algo=grpo", "model=tiny_lm", "data=arithmetic", "debug=smoke", *overrides],
-        )
-
-
 def _train(cfg, run_dir: Path, monkeypatch) -> dict:
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", "")  # train_stage sets it: restored after the test
     return training.train_stage(cfg, run_dir, "01_grpo", data.load_splits(cfg.data))
 
 
+@pytest.mark.slow  # two 4-step GRPO stages in process, 3 evaluations: ~10 s
 def test_eval_during_training_logs_what_a_direct_evaluation_of_the_same_weights_gives(
     tmp_path, monkeypatch, sft_text_checkpoint
 ):
     # From an SFT checkpoint (some right answers, so GRPO has a signal) at a high learning rate, so that the
     # outputs change between evaluations and a stale model would be caught; 4 steps, 6 prompts (k=2).
     over = [f"model.init_from={sft_text_checkpoint}", "algo.args.learning_rate=0.02", "eval.during_train_prompts=6"]
-    cfg = _compose("eval.every_steps=2", *over)
+    cfg = compose_cfg(*GRPO_LM, "eval.every_steps=2", *over)
     seen = {}  # the weights each evaluation saw: the real evaluate_live runs, this only records
     live = callbacks.evaluate_live
 
@@ -169,6 +163,6 @@ def test_eval_during_training_logs_what_a_direct_evaluation_of_the_same_weights_
 
     # Training itself is the same with evaluation on or off: the RNG and the train mode are restored.
     monkeypatch.undo()
-    _train(_compose(*over), tmp_path / "off", monkeypatch)
+    _train(compose_cfg(*GRPO_LM, *over), tmp_path / "off", monkeypatch)
     on, off = (load_file(tmp_path / d / "ckpt/01_grpo/final/model.safetensors") for d in ("on", "off"))
     assert all(torch.equal(on[k], off[k]) for k in on)

@@ -4,32 +4,22 @@ sinfo. The real thing runs in tests/test_sweeps.py (Slurm) and tests/test_sweeps
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from reinforce_cot.cluster import Tasks, torch_distributed_env
 from reinforce_cot.errors import ConfigError
 from reinforce_cot.launcher import Node, check_request
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-@pytest.fixture
-def hydra_ctx():
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        yield
+from tests.helpers import compose_cfg
 
 
 def launcher(*overrides: str) -> dict:
-    cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+    cfg = compose_cfg(*overrides, return_hydra_config=True)
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     return {**launcher, "num_processes": cfg.hardware.num_processes}
 
 
-def test_slurm_launcher_preset(hydra_ctx):
+def test_slurm_launcher_preset():
     got = launcher("hydra/launcher=slurm", "+cluster.partition=gpu", "+cluster.account=lab", "+cluster.qos=high")
     assert got["_target_"] == "hydra_plugins.reinforce_cot_launcher.launcher.SlurmLauncher"
     assert (got["partition"], got["account"], got["qos"], got["constraint"]) == ("gpu", "lab", "high", None)
@@ -42,7 +32,7 @@ def test_slurm_launcher_preset(hydra_ctx):
     ("hardware", "nodes", "tasks", "gpus", "processes"),
     [("slurm_cpu", 1, 1, None, 1), ("slurm_1node_8gpu", 1, 8, 8, 8), ("slurm_2node_8gpu", 2, 8, 8, 16)],
 )
-def test_slurm_hardware_presets_size_the_launcher(hydra_ctx, hardware, nodes, tasks, gpus, processes):
+def test_slurm_hardware_presets_size_the_launcher(hardware, nodes, tasks, gpus, processes):
     got = launcher(f"hardware={hardware}")  # selects hydra/launcher=slurm itself
     assert got["_target_"].endswith(".SlurmLauncher")
     assert (got["nodes"], got["tasks_per_node"], got["gpus_per_node"]) == (nodes, tasks, gpus)
@@ -50,7 +40,7 @@ def test_slurm_hardware_presets_size_the_launcher(hydra_ctx, hardware, nodes, ta
     assert got["cpus_per_task"] >= 1 and got["mem_gb"] and got["timeout_min"]
 
 
-def test_local_launcher_keeps_the_hardware_sizes(hydra_ctx):
+def test_local_launcher_keeps_the_hardware_sizes():
     got = launcher("hardware=slurm_cpu", "hydra/launcher=local")  # the command line wins over the preset
     assert got["_target_"] == "hydra_plugins.reinforce_cot_launcher.launcher.LocalLauncher"
     assert (got["tasks_per_node"], got["cpus_per_task"], got["mem_gb"]) == (1, 1, 4)

@@ -2,38 +2,78 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from reinforce_cot import recipes
 from reinforce_cot.errors import ConfigError
+from tests.helpers import CONF
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ["model", "data", "algo", "reward", "hardware", "logger", "recipe", "experiment", "debug"]
-CHOICES = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+# Where an option needs a value the user must give (`???`), the value the composition test gives it.
+REQUIRED = {
+    "data=jsonl": ["data.train.path=x.jsonl", "data.test.path=y.jsonl"],
+    # the earlier stages whose models a stage uses: recipes.compose_stages fills them in
+    "stage=evaluate": ["stage.targets=[01_sft]"],
+    "stage=merge": ["stage.targets=[01_sft]"],
+}
 
 
-@pytest.fixture
-def hydra_ctx():
+def _listing() -> list[tuple[str, str]]:
+    """(group, option) for every option of every config group, from conf/'s own listing through Hydra's config
+    loader: each folder of conf/ (experiment=dapo_ablation/grpo for a nested one) and what the package registers
+    in Hydra's ConfigStore (key_check). Left out: Hydra's own groups where conf/ adds nothing, and conf/algo/base/,
+    the fields the algo files share (composed with every algo, never chosen on its own)."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        yield
+        loader = GlobalHydra.instance().config_loader()
+
+        def walk(parent: str):
+            for name in loader.list_groups(parent):
+                group = f"{parent}/{name}" if parent else name
+                yield group
+                yield from walk(group)
+
+        out = []
+        for group in walk(""):
+            if group.startswith("hydra/") and not (CONF / group).is_dir() or group == "hydra" or group == "algo/base":
+                continue
+            top, _, nested = group.partition("/")
+            top = group if group.startswith("hydra/") else top
+            for option in loader.get_group_options(group):
+                if group.startswith("hydra/") and not (CONF / group / f"{option}.yaml").is_file():
+                    continue  # Hydra's and its plugins' own options (basic, submitit_slurm, ...)
+                out.append((top, f"{nested}/{option}" if nested and top != group else option))
+        return out
+
+
+CHOICES = _listing()
+with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):  # the groups conf/train.yaml lists
+    DEFAULTS = set(compose(config_name="train", return_hydra_config=True).hydra.runtime.choices)
+
+
+def test_the_listing_has_every_group():
+    groups = {g for g, _ in CHOICES}
+    folders = {p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra"}
+    assert groups == folders | {"key_check", "hydra/launcher"}, groups ^ (folders | {"key_check", "hydra/launcher"})
+    assert ("experiment", "dapo_ablation/dapo") in CHOICES and ("deepspeed", "zero3_offload") in CHOICES
 
 
 @pytest.mark.parametrize(("group", "choice"), CHOICES, ids=[f"{g}={c}" for g, c in CHOICES])
 def test_every_preset_composes(hydra_ctx, group, choice):
-    overrides = [f"{group}={choice}"]
-    if group == "data" and choice == "jsonl":
-        overrides += ["data.train.path=x.jsonl", "data.test.path=y.jsonl"]
-    cfg = compose(config_name="train", overrides=overrides)
+    plus = "" if group in DEFAULTS else "+"  # stage: recipes append `+stage=<kind>` to each stage's config
+    overrides = [f"{plus}{group}={choice}", *REQUIRED.get(f"{group}={choice}", [])]
+    cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    assert cfg.hydra.runtime.choices[group] == choice  # the option itself was composed, not a default
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)  # its interpolations (hydra.*) resolve
+    assert launcher["_target_"].startswith(("hydra.", "hydra_plugins."))
+    with open_dict(cfg):
+        del cfg["hydra"]
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    if group not in ("experiment", "debug"):  # global presets: no key of their own
-        assert cfg[group] is not None
     assert container["model"]["kind"] in ("vlm", "lm")
     assert container["algo"]["args"]["_target_"].startswith("trl.")
+    assert container["deepspeed"]["name"] in {c for g, c in CHOICES if g == "deepspeed"}
 
 
 def test_every_experiment_has_its_command_in_the_header():

@@ -4,23 +4,20 @@ easy-to-hack filter, a dataset data=hf reads back, and `data_from` wiring into a
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-from conftest import ROOT
-from hydra import compose, initialize_config_dir
+from hydra import compose
 from omegaconf import open_dict
 
 from reinforce_cot import curation, data, recipes, rewards, sources
 from reinforce_cot.errors import ConfigError
+from tests.helpers import read_jsonl, run_in_process
 
 
-def _lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def test_curate_stage_measures_filters_and_writes_a_dataset(train, sft_checkpoint):
-    run = train(
+@pytest.mark.slow  # the sft_checkpoint fixture, then curation in process: ~10 s
+def test_curate_stage_measures_filters_and_writes_a_dataset(tmp_path, sft_checkpoint):
+    run = run_in_process(
+        tmp_path,
         "recipe=curate",
         f"model.init_from={sft_checkpoint}",
         "debug=smoke",
@@ -28,11 +25,10 @@ def test_curate_stage_measures_filters_and_writes_a_dataset(train, sft_checkpoin
         "curate.hack_tries=2",
         "curate.hack_max_reasoning_chars=null",  # trust the answer-only prompt: the tiny model reasons anyway
     )
-    assert run.returncode == 0, run
     out = run.dir / "data" / "01_curate"
     report = json.loads((out / "report.json").read_text())
     tr = report["splits"]["train"]
-    audit = _lines(out / "train_samples.jsonl")
+    audit = read_jsonl(out / "train_samples.jsonl")
     kept = data.text_rows(sources.load_split(str(out)))  # as data=hf (a later stage) loads it
     assert tr["n_in"] == len(audit) == 96
     assert tr["n_out"] == len(kept) and tr["n_out"] + sum(tr["dropped"].values()) == tr["n_in"]
@@ -65,12 +61,6 @@ def test_answer_only_try_must_really_skip_reasoning():
     assert not curation.answered_without_reasoning("<think>1, 2, 3</think><answer>3</answer>", "3", 5)
     assert curation.answered_without_reasoning("<think>1, 2, 3</think><answer>3</answer>", "3", None)
     assert not curation.answered_without_reasoning("<answer>4</answer>", "3", None)
-
-
-@pytest.fixture
-def hydra_ctx():
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        yield
 
 
 def test_kimi_recipe_trains_rl_on_the_curated_data(hydra_ctx, tmp_path):

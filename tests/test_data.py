@@ -20,6 +20,29 @@ def test_shapes_are_deterministic_per_seed():
     assert [r["layout"] for r in a] != [r["layout"] for r in c]
 
 
+def _blobs(image, colour) -> list[set]:
+    """The 4-connected sets of pixels of exactly `colour`."""
+    w, h = image.size
+    todo = {(x, y) for y in range(h) for x in range(w) if image.getpixel((x, y)) == colour}
+    blobs = []
+    while todo:
+        blob, stack = set(), [todo.pop()]
+        while stack:
+            x, y = stack.pop()
+            blob.add((x, y))
+            for nxt in ((x + 1, y), (x - 1, y), (x, y + 1), (x, y - 1)):
+                if nxt in todo:
+                    todo.remove(nxt)
+                    stack.append(nxt)
+        blobs.append(blob)
+    return blobs
+
+
+def _fills_its_box(blob: set) -> bool:
+    xs, ys = [x for x, _ in blob], [y for _, y in blob]
+    return len(blob) == (max(xs) - min(xs) + 1) * (max(ys) - min(ys) + 1)
+
+
 def test_shapes_answers_match_what_is_drawn():
     for row in data.shapes_rows(50, seed=0, targets=["red square"]):
         kinds = [tuple(k) for _, k in json.loads(row["layout"])]
@@ -28,9 +51,11 @@ def test_shapes_answers_match_what_is_drawn():
         assert row["question"] == "How many red squares are there?"
         assert f"So there are {row['answer']}." in row["reasoning"]
         assert row["difficulty"] in (0, 1, 2)
-        # the image really holds that many red pixels' worth of shapes (red appears iff count > 0)
-        reds = sum(1 for p in row["image"].getdata() if p == data.COLOURS["red"])
-        assert reds > 0
+        # the image really holds `count` red squares: each red shape is one blob of pixels in its own cell, a
+        # square fills its bounding box and a circle does not (red circles may be among the distractors)
+        blobs = _blobs(row["image"], data.COLOURS["red"])
+        squares = sum(map(_fills_its_box, blobs))
+        assert (squares, len(blobs) - squares) == (row["count"], kinds.count(("red", "circle")))
 
 
 def test_splits_are_disjoint():

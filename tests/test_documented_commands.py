@@ -7,7 +7,9 @@ so quoted overrides stay whole); inside inline code (`python train.py ...`) it e
 
 How each is checked, in-process and without training (so all of them take seconds): Hydra's compose API
 builds the config from the command's overrides, `recipes.compose_stages` builds every stage, and each
-stage goes through `recipes.validate_stage`, the checks a real run makes before loading weights. A sweep
+stage goes through `recipes.validate_stage`, the checks a real run makes before loading weights. The commands
+share most of their compositions and stages (the quickstart's SFT stage is in dozens of them): each distinct
+composition is made once per process, and each distinct stage config validated once. A sweep
 (`-m`) is expanded with Hydra's own override parser so that every value of every swept key is
 validated (job i takes value i of each key, cycling). Where the command needs a GPU (a stage with
 `use_cpu` false), this machine pretends to have one (tests/pretend_gpu.py: torch.cuda, vllm and
@@ -22,17 +24,19 @@ that exist only after a run. A command that fails here is a documentation bug or
 from __future__ import annotations
 
 import ast
+import copy
 import functools
 import re
 import shlex
 from pathlib import Path
 
-import pretend_gpu
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 
 from reinforce_cot import recipes
+from tests import pretend_gpu
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -43,7 +47,10 @@ UNVALIDATABLE = [
     (re.compile(r"(?<![\w.])(\.\.\.|…)(?![\w.])"), "elides arguments (...)"),
     (re.compile(r"(^|\s)resume="), "resumes a run dir that exists only after a run"),
     (re.compile(r"<[^>]*>"), "a <placeholder> the reader fills in"),
-    (re.compile(r"\$(?!\{(rc|oc)\.)\{?[A-Za-z_]\w*"), "a $shell variable"),  # ${rc.conf:...}: Hydra's, validated
+    (
+        re.compile(r"\$(?!\{(rc|oc)\.)\{?[A-Za-z_]\w*"),
+        "a $shell variable",
+    ),  # ${oc.env:...}, ${rc....}: Hydra's resolvers, validated
 ]
 # a placeholder in these keys is given a real value, so the rest of the command is still validated
 CHECKPOINT_PLACEHOLDER = re.compile(r"^(model\.init_from)=(.*(<[^>]*>|\$\{?[A-Za-z_]\w*).*)$")
@@ -53,6 +60,28 @@ CHECKPOINT_PLACEHOLDER = re.compile(r"^(model\.init_from)=(.*(<[^>]*>|\$\{?[A-Za
 def _forget_pretended_gpus():
     yield
     pretend_gpu.forget()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compose_once():
+    """Each distinct composition once per process (~600 compose calls, ~370 distinct, ~0.2 s each): Hydra's
+    composition depends only on the config tree and the overrides, so a copy of the first is the same config."""
+    from hydra._internal.hydra import Hydra
+
+    composed, original = {}, Hydra.compose_config
+
+    def once(self, config_name, overrides, run_mode, *args, **kwargs):
+        key = (config_name, tuple(overrides), run_mode, args, tuple(sorted(kwargs.items())))
+        if key not in composed:
+            composed[key] = original(self, config_name, overrides, run_mode, *args, **kwargs)
+        return copy.deepcopy(composed[key])  # callers change what they get (stage ids, run-dir paths)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Hydra, "compose_config", once)
+        yield
+
+
+VALIDATED: set[str] = set()  # stage configs (and whether GPUs were pretended) that passed recipes.validate_stage
 
 
 # ------------------------------------------------------------------------------------------ harvesting
@@ -161,10 +190,18 @@ def _with_checkpoint(job: list[str], kind: str) -> list[str]:
 def _validate(overrides: list[str], run_dir: Path, cfg=None) -> None:
     """What a run checks before loading weights, for every stage (recipes.prepare's checks, without the data)."""
     cfg = cfg if cfg is not None else compose(config_name="train", overrides=overrides)
+    import torch
+
     for scfg in recipes.compose_stages(cfg, overrides, run_dir).values():
-        recipes.validate_stage(scfg)
+        key = f"gpus={torch.cuda.is_available()}\n{OmegaConf.to_yaml(scfg)}".replace(str(run_dir), "<run dir>")
+        if key not in VALIDATED:  # the same stage in another command: validated there
+            recipes.validate_stage(scfg)
+            VALIDATED.add(key)
 
 
+# slow: each command composes 3-10 configs (a recipe's stages, each twice: reinforce_cot.overrides), ~370
+# distinct compositions at ~0.1-0.3 s, ~100 s in all; the harvest-rule tests below stay in make test-fast
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "text", COMMANDS, ids=[t or "(no overrides)" for t in COMMANDS]
 )  # one test per distinct command

@@ -8,19 +8,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 
-import ds_helpers
 import pytest
-from conftest import ROOT, kill_at_checkpoint, run_train
 from datasets import Dataset
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from reinforce_cot import config, rewards, sampling
 from reinforce_cot.errors import ConfigError
+from tests import ds_helpers
+from tests.helpers import ROOT, compose_cfg, free_port, kill_at_checkpoint, run_train
 
 # 4 completions per prompt, 8 per micro-batch x 2 micro-batches = 4 groups per generation batch: small, and
 # per-process batches of whole groups (what the half_uniform reward needs)
@@ -31,6 +29,7 @@ def _logged(result: dict, key: str) -> list:
     return [h[key] for h in result["log_history"] if key in h and "train_runtime" not in h]
 
 
+@pytest.mark.slow  # 4 DAPO steps in process: ~3 s each, after the sft_checkpoint fixture
 @pytest.mark.parametrize("extra_rounds", [3, 0], ids=["refilled", "short"])
 def test_every_micro_batch_trains_only_mixed_groups(tmp_path, sft_checkpoint, extra_rounds):
     """The reward leaves half of each round's groups uniform (zero advantage). Refilled: one extra round
@@ -58,19 +57,17 @@ def test_every_micro_batch_trains_only_mixed_groups(tmp_path, sft_checkpoint, ex
     assert set(_logged(result, "frac_reward_zero_std")) == {0.0}  # TRL's own view of the trained batches
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # torchrun, 2 processes: ~15 s
 def test_two_processes_train_the_same_number_of_groups(tmp_path, sft_checkpoint):
     """torchrun, 2 gloo processes, each generating half of every round: both train the same rows per
     micro-batch, all from mixed groups, and together exactly the 8 groups of each generation batch."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-        str(ROOT / "tests" / "ds_helpers.py"), str(sft_checkpoint), str(tmp_path), "hardware.num_processes=2",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        "-m", "tests.ds_helpers", str(sft_checkpoint), str(tmp_path), "hardware.num_processes=2",
         *SMALL, "algo.args.per_device_train_batch_size=8", "algo.args.max_steps=4",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=os.environ)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for rank in ranks:
@@ -83,7 +80,7 @@ def test_two_processes_train_the_same_number_of_groups(tmp_path, sft_checkpoint)
     assert _logged(history, "dynamic_sampling/completions")[-1] == 4 * 32  # both processes' rounds, counted once
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # a run killed at its checkpoint, then resumed: two CLI runs, ~25 s
 def test_sigkill_then_resume_stops_at_the_same_generation_budget(tmp_path, sft_checkpoint):
     """max_completions=192 with 2 rounds of 16 completions per step (spg 1) ends the run at step 6. Killed
     after checkpoint 2 and resumed, it must end there too: the counts (and the prioritized sampler's
@@ -94,12 +91,12 @@ def test_sigkill_then_resume_stops_at_the_same_generation_budget(tmp_path, sft_c
         "algo.dynamic_sampling.max_completions=192", "algo.args.save_steps=2", "algo.args.save_total_limit=null",
         "sampler=prioritized", "sampler.success_reward=half", "eval.k=0",
     ]  # fmt: skip
-    env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
-    run_dir = kill_at_checkpoint(tmp_path, "01_dapo/checkpoint-2", *overrides, env=env)
+    # the reward's _target_ (tests.ds_helpers) imports in the child: train.py's folder, the root, is on its path
+    run_dir = kill_at_checkpoint(tmp_path, "01_dapo/checkpoint-2", *overrides)
     saved = json.loads((run_dir / "ckpt" / "01_dapo" / "checkpoint-2" / "dynamic_sampling.json").read_text())
     assert (saved["completions"], saved["extra_rounds"]) == (64, 2)
 
-    resumed = run_train(tmp_path, f"resume={run_dir}", env=env)
+    resumed = run_train(tmp_path, f"resume={run_dir}")
     assert resumed.returncode == 0, resumed
     result = json.loads((run_dir / "result" / "01_dapo.json").read_text())
     assert result["global_step"] == 6  # stopped by the budget, as the uninterrupted run does
@@ -126,11 +123,6 @@ def test_extra_draws_come_from_the_samplers_pool_with_their_own_seed():
     assert len(s.draw(0, key=1, exclude=set(range(50)) - {0})) == 5  # too few left: the whole pool again
 
 
-def _compose(*overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=["recipe=single", *overrides])
-
-
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -154,15 +146,15 @@ def _compose(*overrides):
 )
 def test_bad_settings_fail_in_validation(overrides, message):
     with pytest.raises(ConfigError, match="^" + re.escape(message)):
-        config.validate(_compose(*overrides))
+        config.validate(compose_cfg("recipe=single", *overrides))
 
 
 def test_dapo_and_dr_grpo_are_trls_settings(tmp_path):
-    dapo = instantiate(_compose("algo=dapo", "reward=dapo").algo.args, output_dir=str(tmp_path))
+    dapo = instantiate(compose_cfg("recipe=single", "algo=dapo", "reward=dapo").algo.args, output_dir=str(tmp_path))
     assert (dapo.loss_type, dapo.epsilon, dapo.epsilon_high, dapo.beta) == ("dapo", 0.2, 0.28, 0.0)
-    dr = instantiate(_compose("algo=dr_grpo").algo.args, output_dir=str(tmp_path))
+    dr = instantiate(compose_cfg("recipe=single", "algo=dr_grpo").algo.args, output_dir=str(tmp_path))
     assert (dr.loss_type, dr.scale_rewards) == ("dr_grpo", "none")
-    cfg = _compose("algo=dapo", "reward=dapo", "algo.args.max_completion_length=20")
+    cfg = compose_cfg("recipe=single", "algo=dapo", "reward=dapo", "algo.args.max_completion_length=20")
     assert cfg.algo.dynamic_sampling.enabled and cfg.algo.dynamic_sampling.metric == "accuracy"
     funcs, weights = rewards.build(cfg.reward)
     overlong = dict(zip([f.__name__ for f in funcs], zip(funcs, weights)))["overlong"]
@@ -177,7 +169,7 @@ def test_ablation_arms_compose_and_differ_only_where_they_should(arm):
     path = ROOT / "conf" / "experiment" / "dapo_ablation" / f"{arm}.yaml"
     head = path.read_text().splitlines()[:3]
     assert head[0] == "# @package _global_" and "python train.py" in head[1] and f"dapo_ablation/{arm}" in head[1]
-    cfg = _compose(f"experiment=dapo_ablation/{arm}", "model.init_from=/tmp")
+    cfg = compose_cfg("recipe=single", f"experiment=dapo_ablation/{arm}", "model.init_from=/tmp")
     ds = cfg.algo.dynamic_sampling
     assert ds.max_completions == 10240 and cfg.algo.args.save_total_limit is None  # the shared budget
     assert (cfg.algo.name, ds.enabled) == {
@@ -188,6 +180,7 @@ def test_ablation_arms_compose_and_differ_only_where_they_should(arm):
     assert list(cfg.reward) == (["accuracy", "format"] if arm == "grpo" else ["accuracy", "format", "overlong"])
 
 
+@pytest.mark.slow  # the sft_checkpoint fixture; the check itself takes a second
 def test_an_iterable_dataset_is_refused(sft_checkpoint):
     """Extra rounds draw prompts by index: a streaming dataset cannot serve them."""
     import functools

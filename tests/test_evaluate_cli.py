@@ -6,18 +6,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from reinforce_cot import tiny
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import compose_cfg, free_port
 
 
 def evaluate(tmp_path: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -34,8 +31,7 @@ def _one_line_error(proc, needle: str, code: int = 2) -> None:
 
 @pytest.fixture(scope="module")
 def random_vlm() -> Path:
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return tiny.build(compose(config_name="train").model)
+    return tiny.build(compose_cfg().model)
 
 
 def test_ckpt_folder_without_weights(tmp_path):
@@ -57,15 +53,13 @@ def test_dataset_without_an_answer_column(tmp_path, random_vlm):
 
 
 def test_server_url_that_does_not_answer(tmp_path, random_vlm):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
-    url = f"http://127.0.0.1:{port}/v1"
+    url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
     proc = evaluate(tmp_path, f"ckpt={random_vlm}", "generation=openai", f"generation.base_url={url}")
     # a server that does not answer is not bad input: exit code 1 (reinforce_cot.errors), still one line
     _one_line_error(proc, f"generation.base_url={url}: no server answers there; start one", code=1)
 
 
+@pytest.mark.slow  # the two checkpoint fixtures, then two evaluations: ~10 s
 def test_comparison_of_run_dirs_is_one_table_and_one_plot(tmp_path, sft_checkpoint, sft_text_checkpoint):
     runs = [sft_checkpoint.parents[2], sft_text_checkpoint.parents[2]]  # a VLM on shapes, an LM on arithmetic
     small = ["eval.max_prompts=8", "eval.k=2", "eval.consistency=false"]

@@ -132,7 +132,7 @@ def test_consistency_is_unavailable_without_the_embedding_package():
     # A fresh interpreter in which sentence_transformers cannot be imported, as without the `metrics` extra.
     code = (
         "import sys, json; sys.modules['sentence_transformers'] = None\n"
-        "sys.path.insert(0, 'tests'); import test_evaluation as t\n"
+        "from tests import test_evaluation as t\n"
         "m, _ = t._score(consistency=True); print(json.dumps(m['reasoning']))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -9,8 +9,6 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import RunMode
@@ -18,8 +16,7 @@ from omegaconf import open_dict
 
 from reinforce_cot import hardware, main, recipes, rundir, sweeps
 from reinforce_cot.errors import ConfigError, GenerationError
-
-CONF = str(ROOT / "conf")
+from tests.helpers import ROOT, compose_cfg, run_in_process
 
 
 @pytest.fixture
@@ -27,8 +24,7 @@ def call_main(tmp_path, monkeypatch):
     """main's body for a run dir under tmp_path, in RUN or MULTIRUN mode, as Hydra would call it."""
 
     def _call(mode: RunMode):
-        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-            cfg = compose(config_name="train", overrides=["recipe=single", "algo=sft"], return_hydra_config=True)
+        cfg = compose_cfg("recipe=single", "algo=sft", return_hydra_config=True)
         with open_dict(cfg):
             cfg.hydra.runtime.output_dir = str(tmp_path / "run")
             cfg.hydra.mode = mode
@@ -161,13 +157,6 @@ def test_sweep_whose_jobs_fail_exits_1_and_lists_them(tmp_path):
 # ------------------------------------------------- bad input fails in validation, before anything is written
 
 
-def _run_in_process(tmp_path, *overrides: str):
-    """What main does, in this process: prepare (compose, validate, load data), then run (provenance first)."""
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=list(overrides))
-        return recipes.run(recipes.prepare(cfg, tmp_path / "run", list(overrides)))
-
-
 BAD_INPUT = {
     # torch checks the learning rate only when the optimizer is made, after the weights load
     "negative lr": (
@@ -194,7 +183,7 @@ def test_bad_input_fails_in_validation_before_anything_is_written(tmp_path, monk
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read at import; the session sets HF_HUB_OFFLINE=1
     overrides, message = BAD_INPUT[case]
     with pytest.raises(ConfigError) as e:
-        _run_in_process(tmp_path, *overrides)
+        run_in_process(tmp_path, *overrides)
     assert message in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "run").exists()  # no backup/config.yaml (resumable), no ckpt/
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,32 +19,21 @@ from pathlib import Path
 
 import httpx
 import pytest
-from hydra import compose, initialize_config_dir
 
 from reinforce_cot import generation, images, recipes, tiny
 from reinforce_cot.errors import ConfigError
 from reinforce_cot.generation import GenerationError
+from tests.chat_server import decode_image
+from tests.helpers import ROOT, compose_cfg, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 SERVER = ROOT / "tests" / "chat_server.py"
 # Fast failure for tests: 2 retries (the SDK waits ~0.5 s, then ~1 s) instead of 5 (the production default).
 FAST = ["generation.max_retries=2", "generation.timeout_s=60"]
 SHORT = "generation.max_new_tokens=8"  # the failure tests need answers, not long ones (the random model rambles)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cfg_for(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
-
-
 def openai_cfg(port: int, *overrides: str):
-    return cfg_for("generation=openai", f"generation.base_url=http://127.0.0.1:{port}/v1", *FAST, *overrides)
+    return compose_cfg("generation=openai", f"generation.base_url=http://127.0.0.1:{port}/v1", *FAST, *overrides)
 
 
 class Server:
@@ -82,9 +70,10 @@ def chat_server(ckpt, port: int, log: Path, *flags: str, kind: str = "vlm") -> S
 @pytest.fixture(scope="module")
 def random_vlm() -> Path:
     """The tiny VLM at its random init: the failure tests need a model, not a good one."""
-    return tiny.build(cfg_for().model)
+    return tiny.build(compose_cfg().model)
 
 
+@pytest.mark.slow  # a server (transformers serve), after the sft_text_checkpoint fixture
 def test_transformers_serve_text_model_matches_local_generation(sft_text_checkpoint, tmp_path):
     port = free_port()
     exe = Path(sys.executable).parent / "transformers"
@@ -96,7 +85,7 @@ def test_transformers_serve_text_model_matches_local_generation(sft_text_checkpo
         rows = recipes.stage_data(cfg)["test"].select(range(4))  # the stock server answers one request at a time
         remote = generation.load(cfg, str(sft_text_checkpoint), cache_dir=tmp_path)
         greedy = remote.generate_to_jsonl(rows, tmp_path / "greedy.jsonl", n=1, temperature=0.0)
-        local = generation.load(cfg_for("model=tiny_lm", "data=arithmetic"), str(sft_text_checkpoint))
+        local = generation.load(compose_cfg("model=tiny_lm", "data=arithmetic"), str(sft_text_checkpoint))
         assert greedy == local.generate(rows, n=1, temperature=0.0)
         assert all("</think><answer>" in g[0] for g in greedy)  # the server's reasoning split is undone
         sampled = remote.generate_to_jsonl(rows, tmp_path / "sampled.jsonl", n=2, temperature=1.0)
@@ -105,6 +94,7 @@ def test_transformers_serve_text_model_matches_local_generation(sft_text_checkpo
         server.stop()
 
 
+@pytest.mark.slow  # a server, after the sft_checkpoint fixture
 def test_vlm_server_matches_local_generation(sft_checkpoint, tmp_path):
     port = free_port()
     server = chat_server(sft_checkpoint, port, tmp_path / "server.log")
@@ -114,11 +104,8 @@ def test_vlm_server_matches_local_generation(sft_checkpoint, tmp_path):
         remote = generation.load(cfg, str(sft_checkpoint))
         out = tmp_path / "g.jsonl"
         greedy = remote.generate_to_jsonl(rows, out, n=1, temperature=0.0)
-        local = generation.load(cfg_for(), str(sft_checkpoint))
+        local = generation.load(compose_cfg(), str(sft_checkpoint))
         assert greedy == local.generate(rows, n=1, temperature=0.0)  # same prompt, image and decoding
-        sys.path.insert(0, str(SERVER.parent))
-        from chat_server import decode_image
-
         sent = decode_image(images.data_url(rows[0]["images"][0]))
         assert sent.tobytes() == rows[0]["images"][0].tobytes()  # the data URL carries the exact pixels
         lines = [json.loads(x) for x in out.read_text().splitlines()]
@@ -144,6 +131,7 @@ def test_server_down_at_start_is_one_clear_error(random_vlm, tmp_path):
     assert not (tmp_path / "g.jsonl").exists()
 
 
+@pytest.mark.slow  # two servers, one after the other: ~8 s
 def test_server_dying_midway_then_restart_resumes(random_vlm, tmp_path):
     port = free_port()
     cfg = openai_cfg(port, "data.test.n=24", "generation.max_concurrency=2", SHORT)
@@ -174,6 +162,7 @@ def test_server_dying_midway_then_restart_resumes(random_vlm, tmp_path):
     assert all(line in after for line in before.values())  # the first run's results kept as they were
 
 
+@pytest.mark.slow  # a server: ~5 s
 def test_malformed_responses_mark_rows_failed(random_vlm, tmp_path):
     port = free_port()
     cfg = openai_cfg(port, "data.test.n=24", "generation.max_concurrency=1", SHORT)
@@ -198,6 +187,7 @@ def test_malformed_responses_mark_rows_failed(random_vlm, tmp_path):
         server.stop()
 
 
+@pytest.mark.slow  # the evaluate CLI starting a server, after the sft_checkpoint fixture: ~10 s
 def test_evaluate_cli_launches_its_own_server(sft_checkpoint, tmp_path):
     """`python -m reinforce_cot.evaluate ... generation=openai generation.launch=...` starts the server on the
     checkpoint, evaluates through it and stops it; its completions are the local evaluation's."""
@@ -224,7 +214,7 @@ def test_evaluate_cli_launches_its_own_server(sft_checkpoint, tmp_path):
 
 
 def test_a_generation_target_that_is_not_a_backend_is_one_clear_error():
-    cfg = cfg_for("generation._target_=reinforce_cot.data.from_rows")  # importable, but a function
+    cfg = compose_cfg("generation._target_=reinforce_cot.data.from_rows")  # importable, but a function
     with pytest.raises(ConfigError, match=r"^generation._target_=reinforce_cot.data.from_rows: not an importable"):
         generation.validate(cfg)
-    generation.validate(cfg_for("generation=openai"))  # each backend's own checks pass on its defaults
+    generation.validate(compose_cfg("generation=openai"))  # each backend's own checks pass on its defaults

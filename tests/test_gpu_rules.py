@@ -8,18 +8,17 @@ real optimizer step on the CPU under bf16 autocast.
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
-import pretend_gpu
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import compose
 from hydra.utils import instantiate
 
 from reinforce_cot import adapters, config, data, hardware, memory, models, parts, recipes, training
 from reinforce_cot.errors import ConfigError
+from tests import pretend_gpu
+from tests.helpers import compose_cfg
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 GiB = 1024**3
 
 
@@ -29,21 +28,15 @@ def _forget_pretended_gpus():
     pretend_gpu.forget()
 
 
-def _compose(*overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
-
-
 @pytest.fixture
-def gpu_box(monkeypatch, tmp_path):
+def gpu_box(monkeypatch, tmp_path, hydra_ctx):
     pretend_gpu.use_hub(monkeypatch, tmp_path / "hub")
     pretend_gpu.gpus(monkeypatch, 8)
 
 
 def _validate_all(overrides, run_dir):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=list(overrides))
-        stages = recipes.compose_stages(cfg, list(overrides), run_dir)
+    """Every stage of the run, validated as recipes.run does (needs hydra_ctx: gpu_box opens it)."""
+    stages = recipes.compose_stages(compose(config_name="train", overrides=list(overrides)), list(overrides), run_dir)
     for scfg in stages.values():
         config.validate(scfg)
     return stages
@@ -69,7 +62,7 @@ HAND = {
 
 def test_parameter_counts_from_the_hub_config_match_the_hand_count_and_the_published_size(gpu_box):
     for name, published in (("qwen2_5_vl_3b", 3.75e9), ("qwen2_5_vl_7b", 8.29e9)):
-        model = parts.skeleton(_compose(f"model={name}").model)
+        model = parts.skeleton(compose_cfg(f"model={name}").model)
         n = sum(p.numel() for p in model.parameters())
         assert n == HAND[name]
         assert abs(n - published) < 0.005e9
@@ -86,7 +79,7 @@ def test_7b_full_fine_tuning_on_2xa100_is_refused_with_the_fixes_that_fit(gpu_bo
     msg = str(e.value)
     assert f"needs at least {total:.1f} GiB per GPU of 80.0" in msg
     assert f"weights {2 * p / GiB:.1f} + grads {p / GiB:.1f} + optimizer {6 * p / GiB:.1f} + vLLM 24.0" in msg
-    assert "fits with peft=lora or 'algo.args.deepspeed=${rc.conf:deepspeed/zero3_offload.json}'" in msg
+    assert "fits with peft=lora or deepspeed=zero3_offload" in msg
     assert "\n" not in msg
 
 
@@ -156,7 +149,7 @@ def test_gpu_preset_rules(gpu_box, tmp_path, overrides, error):
 def test_no_gpu_error_names_the_cuda_build_and_the_driver(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError) as e:
-        hardware.validate(_compose("hardware=1xa100"))
+        hardware.validate(compose_cfg("hardware=1xa100"))
     assert f"torch {torch.__version__} built for CUDA {torch.version.cuda or 'none'}" in str(e.value)
     assert "NVIDIA driver" in str(e.value)
 
@@ -168,20 +161,20 @@ def test_the_launching_parent_validates_without_a_cuda_context(gpu_box, tmp_path
     monkeypatch.setattr(torch.cuda, "set_device", devices.append)
     monkeypatch.setattr(subprocess, "run", lambda cmd, env=None: subprocess.CompletedProcess(cmd, 0))
     overrides = ["algo=gspo", "hardware=2xa100", "model=qwen2_5_vl_3b"]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-        assert hardware.needs_launch(cfg)
-        recipes.prepare(cfg, tmp_path / "run", overrides)  # what main does before it launches
-        assert hardware.launch(cfg, tmp_path / "run", overrides) == 0
+    cfg = compose(config_name="train", overrides=overrides)  # gpu_box opened hydra_ctx: launch composes the stages
+    assert hardware.needs_launch(cfg)
+    recipes.prepare(cfg, tmp_path / "run", overrides)  # what main does before it launches
+    assert hardware.launch(cfg, tmp_path / "run", overrides) == 0
     assert devices == []
     _ = instantiate(cfg.algo.args, output_dir=str(tmp_path / "x")).world_size  # the same, outside the context
     assert devices, "TrainingArguments no longer select a device: this test guards nothing"
 
 
+@pytest.mark.slow  # two 1-step trainings: ~5 s
 def test_mixed_precision_full_fine_tuning_keeps_fp32_masters(tmp_path):
     """R6: one AdamW step at lr 1e-6 under the 1xa100 settings (bf16 autocast, no DeepSpeed, no peft) moves
     nearly every weight; the same step on bf16 weights rounds ~98% of the updates away."""
-    cfg = _compose(
+    cfg = compose_cfg(
         "recipe=single",
         "algo=sft",
         "reward=none",
@@ -201,9 +194,9 @@ def test_mixed_precision_full_fine_tuning_keeps_fp32_masters(tmp_path):
     )
     assert adapters.load_dtype(cfg) == "float32"
     assert (
-        adapters.load_dtype(_compose("hardware=2xa100", "model=qwen2_5_vl_3b")) == "bfloat16"
+        adapters.load_dtype(compose_cfg("hardware=2xa100", "model=qwen2_5_vl_3b")) == "bfloat16"
     )  # DeepSpeed's own masters
-    assert adapters.load_dtype(_compose("hardware=1xa100", "model=qwen2_5_vl_3b", "peft=lora")) == "bfloat16"
+    assert adapters.load_dtype(compose_cfg("hardware=1xa100", "model=qwen2_5_vl_3b", "peft=lora")) == "bfloat16"
     ds = training.build_dataset(cfg, data.load_splits(cfg.data)["train"])
     path = models.resolve_path(cfg.model)
     proc = models.load_processing_class(path, cfg.model)

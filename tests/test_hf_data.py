@@ -10,23 +10,16 @@ import json
 import socket
 from pathlib import Path
 
-import layouts
 import pytest
-from conftest import ROOT
-from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 from PIL import Image
-from safetensors.torch import load_file
 
 from reinforce_cot import curation, data, evaluation, generation, images, recipes, sampling, sources, training
 from reinforce_cot.errors import ConfigError
+from tests import layouts
+from tests.helpers import CONF, assert_every_tensor_moved, changed_tensors, compose_cfg
 
 QA = {"question": "problem", "answer": "solution"}
-
-
-def cfg_for(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +59,7 @@ LAYOUTS = {
 
 def layout_cfg(root: Path, layout: str, *overrides: str):
     path, own, _ = LAYOUTS[layout]
-    return cfg_for("recipe=single", "data=hf", f"data.path={root / path}", *own, *overrides)
+    return compose_cfg("recipe=single", "data=hf", f"data.path={root / path}", *own, *overrides)
 
 
 def test_final_answers_come_out_of_full_solutions():
@@ -127,7 +120,7 @@ def test_images_are_decoded_only_when_a_row_is_read(tmp_path, monkeypatch):
     big = Image.new("RGB", (300, 200), (200, 10, 10))
     path = tmp_path / "big.parquet"
     data.from_rows([{"question": f"Q{i}?", "answer": "1", "image": big} for i in range(50)]).to_parquet(str(path))
-    cfg = cfg_for("recipe=single", "data=hf", f"data.path={path}", "data.test_size=10")
+    cfg = compose_cfg("recipe=single", "data=hf", f"data.path={path}", "data.test_size=10")
     splits = recipes.stage_data(cfg)  # also runs the reward and sampler column checks
     grpo_rows = training.build_dataset(cfg, splits["train"])
     assert len(sampling._column(grpo_rows, "id")) == 40  # what the curriculum sampler reads from the trainer's data
@@ -178,7 +171,7 @@ def test_oversized_images_reach_trainer_evaluator_and_curation_capped(tmp_path):
     data.from_rows([{"question": f"Q{i}?", "answer": "1", "image": im} for i, im in enumerate(big)]).to_parquet(
         str(path)
     )
-    cfg = cfg_for("recipe=single", "algo=grpo", "data=hf", f"data.path={path}", "data.test_size=4", "eval.k=1",
+    cfg = compose_cfg("recipe=single", "algo=grpo", "data=hf", f"data.path={path}", "data.test_size=4", "eval.k=1",
                   "algo.args.per_device_train_batch_size=8", "algo.args.num_generations=2",
                   "algo.args.steps_per_generation=1")  # fmt: skip
     splits = recipes.stage_data(cfg)
@@ -238,12 +231,9 @@ def test_multi_image_rows_reach_the_processor_as_two_images(root):
     assert runs == 2  # two images, each its own run of image tokens where its marker was
 
 
-def _changed(before: dict, after: dict) -> list[str]:
-    return [k for k in before if not (before[k] == after[k]).all()]
-
-
+@pytest.mark.slow  # 2 SFT + 2 GRPO steps in process: ~5 s each, after the checkpoint fixtures
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_sft_then_grpo_train_on_each_layout(root, layout, tmp_path, request, monkeypatch):
+def test_sft_then_grpo_train_on_each_layout(root, layout, tmp_path, sft_checkpoint, sft_text_checkpoint, monkeypatch):
     """The real stage function and TRL trainers, in process, 2 steps each (sizes shrunk for time; the
     assertions are what they would be on a real run)."""
     monkeypatch.chdir(tmp_path)
@@ -254,32 +244,31 @@ def test_sft_then_grpo_train_on_each_layout(root, layout, tmp_path, request, mon
         sft_cfg.stage = {"id": "01_sft", "name": "sft", "kind": "train"}
     out = training.train_stage(sft_cfg, tmp_path, "01_sft", recipes.stage_data(sft_cfg))
     assert out["global_step"] == 2
-    changed = _changed(load_file(_tiny_weights(sft_cfg)), load_file(Path(out["final"]) / "model.safetensors"))
-    assert changed and (any("visual." in k for k in changed) == image)  # the images reached the model
+    assert_every_tensor_moved(_tiny_weights(sft_cfg), out["final"])  # with images: the vision tower moved too
 
     # GRPO from a checkpoint that gets some answers right (from random weights every reward is 0)
-    start = request.getfixturevalue("sft_checkpoint" if image else "sft_text_checkpoint")
+    start = sft_checkpoint if image else sft_text_checkpoint
     rl_cfg = layout_cfg(root, layout, "algo=grpo", f"model.init_from={start}", *smoke, "algo.args.num_generations=4")
     with open_dict(rl_cfg):
         rl_cfg.stage = {"id": "02_rl", "name": "rl", "kind": "train"}
     out = training.train_stage(rl_cfg, tmp_path, "02_rl", recipes.stage_data(rl_cfg))
     logged = {k for h in out["log_history"] for k in h}
     assert out["global_step"] == 2 and {"rewards/accuracy/mean", "rewards/format/mean"} <= logged
-    assert _changed(load_file(start / "model.safetensors"), load_file(Path(out["final"]) / "model.safetensors"))
+    assert changed_tensors(start, out["final"])
 
 
 def _tiny_weights(cfg) -> Path:
     from reinforce_cot import models
 
-    return Path(models.resolve_path(cfg.model)) / "model.safetensors"
+    return Path(models.resolve_path(cfg.model))
 
 
 def test_mixture_interleaves_by_weight_with_each_sources_mapping(root):
     mix = (f"data.mixture=[{{path: {root / 'hub_shapes'}, weight: 3, fields: {{question: problem, answer: solution}}}},"
            f"{{path: {root / 'saved_shapes'}, weight: 1}}]")  # fmt: skip
-    cfg = cfg_for("recipe=single", "data=hf", mix, "data.stopping_strategy=all_exhausted")
+    cfg = compose_cfg("recipe=single", "data=hf", mix, "data.stopping_strategy=all_exhausted")
     first = recipes.stage_data(cfg)
-    again = recipes.stage_data(cfg_for("recipe=single", "data=hf", mix, "data.stopping_strategy=all_exhausted"))
+    again = recipes.stage_data(compose_cfg("recipe=single", "data=hf", mix, "data.stopping_strategy=all_exhausted"))
     ids = data.column(first["train"], "id")
     assert ids == data.column(again["train"], "id")  # the data seed fixes the order
     sources_ = data.column(first["train"], "source")
@@ -329,7 +318,7 @@ def test_a_second_load_reuses_the_cached_mapping(tmp_path):
     ]
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf" / "data").glob("*.yaml")))
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "data").glob("*.yaml")))
 def test_debug_smoke_works_for_every_data_config(name, root, tmp_path):
     extra = {
         "jsonl": [f"data.train.path={tmp_path / 'd.jsonl'}", f"data.test.path={tmp_path / 'd.jsonl'}"],
@@ -337,18 +326,18 @@ def test_debug_smoke_works_for_every_data_config(name, root, tmp_path):
     }.get(name, [])
     lines = [json.dumps({"question": f"{i} + 1?", "answer": str(i + 1)}) for i in range(200)]
     (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
-    splits = data.load_splits(cfg_for(f"data={name}", "debug=smoke", *extra).data)
+    splits = data.load_splits(compose_cfg(f"data={name}", "debug=smoke", *extra).data)
     assert 0 < len(splits["train"]) <= 96 and 0 < len(splits["test"]) <= 16
 
 
 def test_jsonl_errors_name_the_split_key(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ConfigError, match=r"^data\.train\.path=.*empty\.jsonl: the file holds no rows"):
-        data.load_splits(cfg_for("data=jsonl", f"data.train.path={tmp_path}/empty.jsonl",
+        data.load_splits(compose_cfg("data=jsonl", f"data.train.path={tmp_path}/empty.jsonl",
                                     f"data.test.path={tmp_path}/empty.jsonl").data)  # fmt: skip
     (tmp_path / "ok.jsonl").write_text('{"question": "Q?", "answer": "1"}\n')
     with pytest.raises(ConfigError, match=r"^data\.test\.path=.*gone\.jsonl: no such file; point data\.test\.path"):
-        data.load_splits(cfg_for("data=jsonl", f"data.train.path={tmp_path}/ok.jsonl",
+        data.load_splits(compose_cfg("data=jsonl", f"data.train.path={tmp_path}/ok.jsonl",
                                     f"data.test.path={tmp_path}/gone.jsonl").data)  # fmt: skip
 
 
@@ -407,7 +396,7 @@ BAD = {
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_data_is_one_line_naming_the_key_or_row(tmp_path, case):
-    cfg = cfg_for("recipe=single", *_bad(tmp_path, case))
+    cfg = compose_cfg("recipe=single", *_bad(tmp_path, case))
     with pytest.raises(ConfigError, match=BAD[case]) as e:
         recipes.stage_data(cfg)  # what recipes.run does before any weights load
     assert "\n" not in str(e.value)
@@ -432,7 +421,7 @@ def test_a_cached_hub_dataset_loads_offline_without_the_network(tmp_path, monkey
         raise AssertionError("data=hf opened a socket while offline")
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
-    cfg = cfg_for("recipe=single", "data=hf", "data.path=someone/shapes", "data.fields.question=problem",
+    cfg = compose_cfg("recipe=single", "data=hf", "data.path=someone/shapes", "data.fields.question=problem",
                   "data.fields.answer=solution")  # fmt: skip
     splits = recipes.stage_data(cfg)
     assert (len(splits["train"]), len(splits["test"])) == (24, 8)

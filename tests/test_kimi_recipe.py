@@ -4,25 +4,21 @@ wrong pairs -> DPO, averaging of the long and short models) -> evaluation of eve
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from safetensors.torch import load_file
 
-from reinforce_cot import data, rewards, sources
-
-
-def _lines(path):
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from reinforce_cot import data, models, rewards, sources
+from tests.helpers import compose_cfg, read_jsonl, run_in_process
 
 
 def _written(folder, config):  # as the later stages load it: data=hf on the folder
     return data.text_rows(sources.load_split(str(folder), name=config))
 
 
-@pytest.mark.slow
-def test_kimi_recipe_end_to_end(train, sft_checkpoint):
-    run = train(
+@pytest.mark.slow  # 8 stages in process: ~25 s
+def test_kimi_recipe_end_to_end(tmp_path, sft_checkpoint):
+    run = run_in_process(
+        tmp_path,
         "recipe=kimi",
         "debug=smoke",
         f"model.init_from={sft_checkpoint}",  # a model that answers some prompts right: long2short needs correct chains
@@ -33,7 +29,6 @@ def test_kimi_recipe_end_to_end(train, sft_checkpoint):
         "eval.k=2",
         "algo.args.steps_per_generation=1",  # RL: a generation round (and reward log) every step, not every 4th
     )
-    assert run.returncode == 0, run
     d = run.dir
     ids = ["01_sft", "02_curate", "03_rl", "04_shortest", "05_short_sft", "06_short_dpo", "07_merge", "08_evaluate"]
     for sid in ids:
@@ -52,16 +47,17 @@ def test_kimi_recipe_end_to_end(train, sft_checkpoint):
 
     # long2short data: SFT rows are each prompt's shortest correct chain; DPO chosen is that chain too
     out = d / "data" / "04_shortest"
-    gens = {g["id"]: g["completions"] for g in _lines(out / "generations.jsonl")}
+    gens = {g["id"]: g["completions"] for g in read_jsonl(out / "generations.jsonl")}
     sft_rows = _written(out, "sft")
-    tok_len = {r["completion"]: r["length"] for r in sft_rows}
     assert sft_rows
+    processor = models.load_processing_class(str(sft_checkpoint), compose_cfg().model)  # the stage's tokenizer
+    tokens = lambda text: len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     for row in sft_rows:
         samples = gens[row["source_id"]]
         correct = [s for s in samples if rewards.answers_match(rewards.extract_answer(s), row["answer"])]
         assert row["completion"] in correct
         assert len({r["source_id"] for r in sft_rows if r["source_id"] == row["source_id"]}) == 1  # one per prompt
-        assert len(row["completion"]) <= min(map(len, correct)) + 8  # shortest in tokens ~ shortest in characters
+        assert row["length"] == tokens(row["completion"]) == min(map(tokens, correct))  # the shortest, in tokens
     shortest = {r["source_id"]: r["completion"] for r in sft_rows}
     pairs = _written(out, "dpo")
     assert pairs
@@ -71,7 +67,6 @@ def test_kimi_recipe_end_to_end(train, sft_checkpoint):
         assert wrong == (p["pair_type"] == "wrong")
         if not wrong:
             assert p["pair_type"] == "length" and p["rejected"] != p["chosen"]
-    assert tok_len
 
     # the merged model is the mean of the long (RL) and short (SFT) models
     rl = load_file(d / "ckpt" / "03_rl" / "final" / "model.safetensors")

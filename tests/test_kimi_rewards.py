@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
 from types import SimpleNamespace
@@ -14,6 +13,7 @@ import pytest
 
 from reinforce_cot import rewards
 from reinforce_cot.errors import ConfigError
+from tests.helpers import compose_cfg, free_port
 
 CASES = [  # (completion, gold, correct)
     ("<think>x</think><answer>3</answer>", "3", True),
@@ -148,6 +148,7 @@ def _rank_main(rank: int, world: int, port: int, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes over torch.distributed: ~3 s, ~10 s on a busy machine
 def test_length_reward_gathers_groups_split_over_two_processes():
     import torch.multiprocessing as mp
 
@@ -157,9 +158,7 @@ def test_length_reward_gathers_groups_split_over_two_processes():
     # per process without gathering, group b would be judged on half its samples: different values
     alone = rewards.kimi_length_reward(COMPS[:6], answer=["1"] * 6, completion_ids=_ids(*LENGTHS[:6]), id=IDS[:6])
     assert alone[4:] != whole[4:6]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     manager = mp.get_context("spawn").Manager()
     out = manager.dict()
@@ -169,11 +168,7 @@ def test_length_reward_gathers_groups_split_over_two_processes():
 
 # ----------------------------------------------------------------------------- wiring, errors
 def test_kimi_length_composite(tmp_path):
-    from conftest import ROOT
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["reward=kimi_length", "reward.length.fn.warmup_steps=7"])
+    cfg = compose_cfg("reward=kimi_length", "reward.length.fn.warmup_steps=7")
     funcs, weights = rewards.build(cfg.reward)
     assert [f.__name__ for f in funcs] == ["accuracy", "format", "length"]  # logged as rewards/<name>/mean
     assert weights == [1.0, 0.5, 1.0]

@@ -2,58 +2,28 @@
 accounted in sacct, and over-asking jobs are refused at submit time.
 
 Needs root (the daemons run as SlurmUser=root) and either the Debian packages
-or apt-get to install them. The cluster is started once per module and stopped
-afterwards only if this module started it.
+or apt-get to install them. The cluster is the session's (the `slurm` fixture of
+tests/conftest.py), stopped at the end only if the session started it.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import submitit
+
+from tests.helpers import SLURM_SCRIPT as SCRIPT
 
 pytestmark = pytest.mark.slurm
-
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "slurm" / "local_cluster.sh"
-
-
-def _skip_reason() -> str | None:
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return "needs root: local_cluster.sh runs the Slurm daemons as SlurmUser=root"
-    if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
-        return "Slurm is not installed and apt-get is unavailable to install it"
-    if shutil.which("bash") is None:
-        return "needs bash to run slurm/local_cluster.sh"
-    return None
 
 
 def _run(args, env, timeout=60, check=False):
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, check=check)
-
-
-@pytest.fixture(scope="module")
-def slurm_env():
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    was_up = _run(["bash", str(SCRIPT), "status"], env).returncode == 0
-    # first start on a bare machine installs packages (apt-get): allow for it
-    started = _run(["bash", str(SCRIPT), "start"], env, timeout=900)
-    if started.returncode != 0:
-        pytest.fail(f"local_cluster.sh start failed:\n{started.stderr}")
-    for line in _run(["bash", str(SCRIPT), "env"], env, check=True).stdout.splitlines():
-        key, _, value = line.removeprefix("export ").partition("=")
-        env[key] = value
-    yield env
-    if not was_up:
-        _run(["bash", str(SCRIPT), "stop"], env, timeout=120)
 
 
 HOLD_LOCK = "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.lockf(f, fcntl.LOCK_EX); print(1, flush=True); time.sleep(60)"
@@ -127,16 +97,16 @@ def _node_value(env, fmt: str) -> int:
     return int(_run(["sinfo", "-h", "-N", "-o", fmt], env, check=True).stdout.split()[0])
 
 
-def test_status_reports_up(slurm_env):
-    res = _run(["bash", str(SCRIPT), "status"], slurm_env)
+def test_status_reports_up(slurm):
+    res = _run(["bash", str(SCRIPT), "status"], slurm)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "cluster: up" in res.stdout
 
 
-def test_batch_job_runs_and_is_accounted(slurm_env, tmp_path):
+def test_batch_job_runs_and_is_accounted(slurm, tmp_path):
     out = tmp_path / "result.txt"
     res = _sbatch(
-        slurm_env,
+        slurm,
         "-o",
         str(tmp_path / "slurm-%j.out"),
         "--wrap",
@@ -144,37 +114,37 @@ def test_batch_job_runs_and_is_accounted(slurm_env, tmp_path):
     )
     assert res.returncode == 0, res.stderr
     job_id = res.stdout.strip().split(";")[0]
-    assert _wait_for_state(job_id, slurm_env, {"COMPLETED", "FAILED"}, 60) == "COMPLETED"
+    assert _wait_for_state(job_id, slurm, {"COMPLETED", "FAILED"}, 60) == "COMPLETED"
     assert out.read_text() == f"hello-from-{job_id}\n"
     # every record of the job (allocation and batch step) is COMPLETED
-    states = _run(["sacct", "-j", job_id, "-n", "-o", "State"], slurm_env).stdout.split()
+    states = _run(["sacct", "-j", job_id, "-n", "-o", "State"], slurm).stdout.split()
     assert states and set(states) == {"COMPLETED"}, states
 
 
-def test_more_cpus_than_node_rejected_at_submit(slurm_env):
-    cpus = _node_value(slurm_env, "%c")
-    res = _sbatch(slurm_env, "-c", str(cpus + 1), "--wrap", "true")
+def test_more_cpus_than_node_rejected_at_submit(slurm):
+    cpus = _node_value(slurm, "%c")
+    res = _sbatch(slurm, "-c", str(cpus + 1), "--wrap", "true")
     assert res.returncode != 0
     assert "More processors requested than permitted" in res.stderr, res.stderr
 
 
-def test_more_memory_than_node_rejected_at_submit(slurm_env):
-    mem_mb = _node_value(slurm_env, "%m")
-    res = _sbatch(slurm_env, f"--mem={mem_mb + 1024}M", "--wrap", "true")
+def test_more_memory_than_node_rejected_at_submit(slurm):
+    mem_mb = _node_value(slurm, "%m")
+    res = _sbatch(slurm, f"--mem={mem_mb + 1024}M", "--wrap", "true")
     assert res.returncode != 0
     assert "Batch job submission failed" in res.stderr, res.stderr
 
 
-def test_time_above_partition_limit_rejected_at_submit(slurm_env):
-    res = _sbatch(slurm_env, "--time=2:00:00", "--wrap", "true")
+def test_time_above_partition_limit_rejected_at_submit(slurm):
+    res = _sbatch(slurm, "--time=2:00:00", "--wrap", "true")
     assert res.returncode != 0
     assert "Requested time limit is invalid" in res.stderr, res.stderr
 
 
-def test_requeue_restarts_job(slurm_env, tmp_path):
+def test_requeue_restarts_job(slurm, tmp_path):
     log = tmp_path / "requeue.out"
     res = _sbatch(
-        slurm_env,
+        slurm,
         "-o",
         str(log),
         "--open-mode=append",
@@ -184,12 +154,12 @@ def test_requeue_restarts_job(slurm_env, tmp_path):
     assert res.returncode == 0, res.stderr
     job_id = res.stdout.strip().split(";")[0]
     try:
-        _wait_for_state(job_id, slurm_env, {"RUNNING"}, 30)
+        _wait_for_state(job_id, slurm, {"RUNNING"}, 30)
         deadline = time.monotonic() + 10
         while "run-0" not in (log.read_text() if log.exists() else ""):
             assert time.monotonic() < deadline, "first run wrote nothing"
             time.sleep(0.2)
-        req = _run(["scontrol", "requeue", job_id], slurm_env)
+        req = _run(["scontrol", "requeue", job_id], slurm)
         assert req.returncode == 0, req.stderr
         # a requeued job waits cred_expire (10 s here) before it may start again
         deadline = time.monotonic() + 45
@@ -197,25 +167,24 @@ def test_requeue_restarts_job(slurm_env, tmp_path):
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.5)
     finally:
-        _run(["scancel", job_id], slurm_env)
-    assert _wait_for_state(job_id, slurm_env, {"CANCELLED"}, 30) == "CANCELLED"
+        _run(["scancel", job_id], slurm)
+    assert _wait_for_state(job_id, slurm, {"CANCELLED"}, 30) == "CANCELLED"
 
 
 @pytest.mark.skipif(
     os.environ.get("RCOT_SLURM_SLOW") != "1",
     reason="slow (60-90 s: slurmctld checks time limits every 30 s); set RCOT_SLURM_SLOW=1",
 )
-def test_time_limit_kills_job(slurm_env):
-    res = _sbatch(slurm_env, "--time=1", "-o", "/dev/null", "--wrap", "sleep 600")
+def test_time_limit_kills_job(slurm):
+    res = _sbatch(slurm, "--time=1", "-o", "/dev/null", "--wrap", "sleep 600")
     assert res.returncode == 0, res.stderr
     job_id = res.stdout.strip().split(";")[0]
-    assert _wait_for_state(job_id, slurm_env, {"TIMEOUT", "FAILED"}, 150) == "TIMEOUT"
+    assert _wait_for_state(job_id, slurm, {"TIMEOUT", "FAILED"}, 150) == "TIMEOUT"
 
 
-def test_submitit_autoexecutor_roundtrip(slurm_env, tmp_path, monkeypatch):
-    submitit = pytest.importorskip("submitit")
+def test_submitit_autoexecutor_roundtrip(slurm, tmp_path, monkeypatch):
     for key in ("SLURM_CONF", "RCOT_SLURM_STATE"):
-        monkeypatch.setenv(key, slurm_env[key])
+        monkeypatch.setenv(key, slurm[key])
     executor = submitit.AutoExecutor(folder=tmp_path / "submitit")
     executor.update_parameters(slurm_partition="debug", timeout_min=1, cpus_per_task=1)
     assert executor.cluster == "slurm"
@@ -223,4 +192,4 @@ def test_submitit_autoexecutor_roundtrip(slurm_env, tmp_path, monkeypatch):
     job = executor.submit(os.getenv, "SLURM_JOB_ID")
     assert job.result() == job.job_id  # ran inside the Slurm job it was given
     # job.state is a cached view; ask sacct directly
-    assert _wait_for_state(job.job_id, slurm_env, {"COMPLETED", "FAILED"}, 30) == "COMPLETED"
+    assert _wait_for_state(job.job_id, slurm, {"COMPLETED", "FAILED"}, 30) == "COMPLETED"

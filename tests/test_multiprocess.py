@@ -5,18 +5,15 @@ checks of GPU-only hardware settings."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
 
-from reinforce_cot import config, tiny
+from reinforce_cot import config, hardware, tiny
 from reinforce_cot.errors import ConfigError
+from tests.helpers import assert_every_tensor_moved, compose_cfg
 
-ROOT = Path(__file__).resolve().parents[1]
 SFT = ("recipe=single", "algo=sft", "reward=none", "debug=smoke")
 # 5 prompts, 2 processes: shares of 3 and 2; at 2 completions per generate call, 2 calls vs 1 unless padded
 EVAL = ("eval.every_steps=2", "eval.during_train_prompts=5", "generation.batch_size=2")
@@ -40,9 +37,8 @@ def _check_two_ranks_one_writer(run, distributed_type: str):
     first = next(h for h in res["log_history"] if "loss" in h)
     assert first["epoch"] == pytest.approx(1 / 3, abs=1e-3)
     assert res["global_step"] == 4
-    start = load_file(tiny.build(OmegaConf.load(run.dir / "backup/config.yaml").model) / "model.safetensors")
-    final = load_file(run.dir / "ckpt/01_sft/final/model.safetensors")
-    assert sum(not torch.equal(start[k], final[k]) for k in start) > 10
+    start = tiny.build(OmegaConf.load(run.dir / "backup/config.yaml").model)
+    assert_every_tensor_moved(start, run.dir / "ckpt/01_sft/final")
     assert (run.dir / "result/summary.json").is_file()  # the evaluate stage ran (on rank 0)
 
 
@@ -63,30 +59,32 @@ def test_ddp2_runs_two_gloo_processes_and_only_rank0_writes(train):
     _check_eval_during_training(run)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # ~40 s: torchrun, 2 processes under DeepSpeed (its op compiled on the first run: 1-3 min)
 def test_deepspeed_zero2_on_cpu(train):
     # The first run ever JIT-compiles DeepSpeed's CPU comm op (1-3 min); it is cached in
     # ~/.cache/reinforce_cot/torch_extensions (TORCH_EXTENSIONS_DIR), so later runs take ~1 min.
     run = train(*SFT, "hardware=cpu_zero2", timeout=900)
     _check_two_ranks_one_writer(run, "DEEPSPEED")
-    assert "zero2.json" in (run.dir / "backup/stages/01_sft.yaml").read_text()
-
-
-def _compose(*overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=["recipe=single", *overrides])
+    stage = OmegaConf.load(run.dir / "backup/stages/01_sft.yaml")  # provenance: the DeepSpeed settings themselves
+    assert stage.algo.args.deepspeed.zero_optimization.stage == 2 and stage.deepspeed.name == "zero2"
 
 
 def test_presets_set_processes_deepspeed_and_vllm():
-    ddp, z2 = _compose("hardware=cpu_ddp2"), _compose("hardware=cpu_zero2")
+    ddp, z2 = compose_cfg("recipe=single", "hardware=cpu_ddp2"), compose_cfg("recipe=single", "hardware=cpu_zero2")
     assert ddp.hardware.num_processes == z2.hardware.num_processes == 2
-    assert "deepspeed" not in ddp.algo.args and Path(z2.algo.args.deepspeed).is_file()
-    for hw, stage in [("2xa100", 2), ("8xh100", 3)]:
-        cfg = _compose(f"hardware={hw}", "algo=rloo")
-        assert f'"stage": {stage}' in Path(cfg.algo.args.deepspeed).read_text()
+    assert ddp.algo.args.deepspeed is None and z2.algo.args.deepspeed.zero_optimization.stage == 2
+    for hw, stage in [("2xa100", 2), ("8xh100", 3), ("slurm_2node_8gpu", 3)]:
+        cfg = compose_cfg("recipe=single", f"hardware={hw}", "algo=rloo")
+        assert cfg.algo.args.deepspeed.zero_optimization.stage == stage and cfg.deepspeed.name == f"zero{stage}"
         assert cfg.algo.args.use_vllm is True and cfg.algo.args.vllm_mode == "colocate"
-    assert _compose("hardware=1xa100", "algo=sft").algo.args.get("use_vllm") is None  # SFTConfig has none
-    assert _compose("hardware=cpu", "algo=grpo").algo.args.use_vllm is False
+    chosen = compose_cfg(
+        "recipe=single", "hardware=2xa100", "deepspeed=zero3_offload"
+    ).algo.args  # the command line beats the preset
+    assert hardware.zero(chosen) == (3, True, False)  # what the memory estimate and the qlora rule read
+    assert (
+        compose_cfg("recipe=single", "hardware=1xa100", "algo=sft").algo.args.get("use_vllm") is None
+    )  # SFTConfig has none
+    assert compose_cfg("recipe=single", "hardware=cpu", "algo=grpo").algo.args.use_vllm is False
 
 
 @pytest.mark.parametrize(
@@ -119,10 +117,10 @@ def test_bad_hardware_settings_fail_at_validation(overrides, message):
     except ImportError:
         pass
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("+", r"\+")):
-        config.validate(_compose(*overrides))
+        config.validate(compose_cfg("recipe=single", *overrides))
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # ~65 s: torchrun, 2 processes, ZeRO-3 + LoRA, evaluation during training and after
 def test_deepspeed_zero3_with_lora_merges_and_evaluates_on_rank0(train):
     # Regression: under ZeRO-3, from_pretrained partitions every new model across ranks (a collective),
     # so rank 0 loading the base to merge the adapter, or a model to evaluate, hung while rank 1 waited
@@ -131,7 +129,7 @@ def test_deepspeed_zero3_with_lora_merges_and_evaluates_on_rank0(train):
         *SFT,
         "hardware=cpu_zero2",
         "peft=lora",
-        "algo.args.deepspeed=${rc.conf:deepspeed/zero3.json}",
+        "deepspeed=zero3",
         *EVAL,  # ZeRO-3: generate is a collective (synced_gpus) over parameters gathered for it
         timeout=600,
     )

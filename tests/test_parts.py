@@ -1,20 +1,17 @@
-"""Freezing named parts and per-part learning rates, through the real CLI (recipe=two_phase) and the
-optimizer transformers builds; and the errors for parts a model does not have."""
+"""Freezing named parts and per-part learning rates, through the real recipe code (recipe=two_phase, in
+process) and the optimizer transformers builds; and the errors for parts a model does not have."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from reinforce_cot import config, tiny
 from reinforce_cot.errors import ConfigError
+from tests.helpers import compose_cfg, run_in_process
 
-ROOT = Path(__file__).resolve().parents[1]
 PART_OF = {  # saved tensor names (transformers' on-disk layout) -> part
     "vision": lambda k: k.startswith("visual.") and not k.startswith("visual.merger."),
     "projector": lambda k: k.startswith("visual.merger."),
@@ -31,9 +28,9 @@ def _by_part(before: dict, after: dict) -> dict[str, tuple[int, int]]:
     return out
 
 
-def test_two_phase_freezes_then_trains_all_at_per_part_lrs(train):
-    run = train("recipe=two_phase", "debug=smoke")
-    assert run.returncode == 0, run
+@pytest.mark.slow  # two 4-step SFT stages and their evaluations, in process: ~10 s
+def test_two_phase_freezes_then_trains_all_at_per_part_lrs(tmp_path):
+    run = run_in_process(tmp_path, "recipe=two_phase", "debug=smoke")
     cfg = OmegaConf.load(run.dir / "backup/stages/02_full.yaml")
     start = load_file(tiny.build(OmegaConf.load(run.dir / "backup/stages/01_align.yaml").model) / "model.safetensors")
     phase1 = load_file(run.dir / "ckpt/01_align/final/model.safetensors")
@@ -55,11 +52,6 @@ def test_two_phase_freezes_then_trains_all_at_per_part_lrs(train):
     assert [r["stage"] for r in run.result("summary.json")["rows"]] == ["01_align", "02_full"]
 
 
-def _compose(*overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=["recipe=single", "algo=sft", "reward=none", *overrides])
-
-
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -78,4 +70,4 @@ def _compose(*overrides):
 )
 def test_bad_parts_fail_at_validation(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        config.validate(_compose(*overrides))
+        config.validate(compose_cfg("recipe=single", "algo=sft", "reward=none", *overrides))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # ~40 s: the default recipe through the CLI, at reduced size
 def test_quickstart_end_to_end(train):
     run = train(
         # half the default data, SFT in batches of 16 (300 steps, as many as the default's) and 8 RL steps:

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import html
 
-from conftest import ROOT
-from hydra import compose, initialize_config_dir
-
 from reinforce_cot import curation, data, evaluation, generation, reasoning, rejection, report, rewards, sources
+from tests.helpers import compose_cfg
 
 # Every one answers 2 correctly; they differ in where (and whether) they reason.
 TEXTS = [
@@ -29,13 +27,9 @@ class Table(generation.Backend):
 
 
 def _cfg():
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(
-            config_name="train",
-            overrides=["data=arithmetic", "model=tiny_lm", "reward=r1", "rejection.k=1", "rejection.temperature=1.0",
+    return compose_cfg("data=arithmetic", "model=tiny_lm", "reward=r1", "rejection.k=1", "rejection.temperature=1.0",
                        "curate.k=1", "curate.hack_tries=1", "curate.hack_max_reasoning_chars=0",
-                       "eval.consistency=false"],  # importing sentence-transformers alone takes ~6 s
-        )  # fmt: skip
+                       "eval.consistency=false")  # importing sentence-transformers alone takes ~6 s  # fmt: skip
 
 
 def test_every_consumer_reads_the_same_reasoning(tmp_path):

@@ -3,31 +3,17 @@ composition, and recipe=unified_reward_think end to end (cold start -> rs -> SFT
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import compose
 from omegaconf import OmegaConf, open_dict
-from safetensors.torch import load_file
 
 from reinforce_cot import data, generation, preference, recipes, rejection, rewards, sources
 from reinforce_cot.errors import ConfigError
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def cfg_for(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
-
-
-@pytest.fixture
-def hydra_ctx():
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        yield
+from tests.helpers import assert_every_tensor_moved, compose_cfg, read_jsonl, run_in_process
 
 
 def _rcfg(**kw):
@@ -47,24 +33,21 @@ def test_pairs_by_hand():
     ]
 
 
-def _lines(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines()]
-
-
 def _written(folder: Path, config: str) -> list[dict]:
     """What the stage wrote, loaded the way a later stage loads it (data=hf on the folder)."""
     return data.text_rows(sources.load_split(str(folder), name=config))
 
 
+@pytest.mark.slow  # the sft_checkpoint fixture, then 24 prompts x 4 samples: ~5 s
 def test_sample_writes_verified_sft_and_dpo_data(sft_checkpoint, tmp_path):
-    cfg = cfg_for("reward=r1", "rejection.k=4", "data.train.n=24", "data.test.n=8")
+    cfg = compose_cfg("reward=r1", "rejection.k=4", "data.train.n=24", "data.test.n=8")
     splits = recipes.stage_data(cfg)
     rows = splits["train"]
     backend = generation.load(cfg, str(sft_checkpoint))
     out = tmp_path / "all"
     rep = rejection.sample(backend, rows, cfg, out, tokenizer=backend.tokenizer, test=splits["test"])
 
-    gens = {r["id"]: r["completions"] for r in _lines(out / "generations.jsonl")}
+    gens = {r["id"]: r["completions"] for r in read_jsonl(out / "generations.jsonl")}
     by_id = {r["id"]: r for r in data.text_rows(rows)}
     assert len(gens) == 24 and all(len(c) == 4 for c in gens.values())
     # the report agrees with re-scoring every sample
@@ -104,7 +87,7 @@ def test_sample_writes_verified_sft_and_dpo_data(sft_checkpoint, tmp_path):
     with open_dict(cfg):
         cfg.rejection.keep, cfg.rejection.dpo_pairs, cfg.rejection.length_ratio = "shortest", "length", 1.0
     rep2 = rejection.sample(backend, rows, cfg, short, tokenizer=backend.tokenizer)
-    assert _lines(short / "generations.jsonl") == _lines(out / "generations.jsonl")
+    assert read_jsonl(short / "generations.jsonl") == read_jsonl(out / "generations.jsonl")
     kept = _written(short, "sft")
     assert len(kept) == rep["prompts_with_a_correct_chain"] == len({r["source_id"] for r in kept})
     tok = lambda t: len(backend.tokenizer(t, add_special_tokens=False)["input_ids"])  # noqa: E731
@@ -156,12 +139,11 @@ def test_data_from_a_later_stage_is_refused(hydra_ctx, tmp_path):
         ("generation=vllm", "generation=vllm: the 'vllm' package is not installed"),
     ],
 )
-def test_bad_rejection_settings_stop_before_weights(train, override, needle):
-    run = train("recipe=unified_reward_think", override)
-    assert run.returncode == 2, run
-    err = [line for line in run.stderr.splitlines() if line.strip()]
-    assert err[-1].startswith("error: ") and needle in err[-1], run  # one line, last
-    assert "loaded Qwen" not in run.stdout + run.stderr  # before any weights
+def test_bad_rejection_settings_stop_before_weights(tmp_path, override, needle):
+    with pytest.raises(ConfigError) as e:
+        run_in_process(tmp_path, "recipe=unified_reward_think", override)
+    assert needle in str(e.value) and "\n" not in str(e.value)  # one line
+    assert not (tmp_path / "run").exists()  # before provenance, so before any weights
 
 
 @pytest.mark.parametrize(
@@ -176,12 +158,13 @@ def test_bad_rejection_settings_stop_before_weights(train, override, needle):
 )
 def test_rejection_settings_are_validated(override, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace("[", r"\[")):
-        rejection.validate(cfg_for(override))
+        rejection.validate(compose_cfg(override))
 
 
-@pytest.mark.slow
-def test_unified_reward_think_end_to_end(train):
-    run = train(
+@pytest.mark.slow  # 5 stages in process: ~30 s
+def test_unified_reward_think_end_to_end(tmp_path):
+    run = run_in_process(
+        tmp_path,
         "recipe=unified_reward_think",
         "data.train.n=800",  # cold start: 3 epochs of 800 (75 steps of 32), as the quickstart test
         "data.test.n=48",
@@ -190,7 +173,6 @@ def test_unified_reward_think_end_to_end(train):
         "eval.max_prompts=24",
         "eval.k=2",
     )
-    assert run.returncode == 0, run
     rs = run.result("02_rs.json")
     assert (rs["prompts"], rs["samples"]) == (96, 384)
     assert rs["correct_samples"] > 0 and rs["sft"]["rows"] > 0 and rs["dpo"]["rows"] > 0
@@ -204,9 +186,7 @@ def test_unified_reward_think_end_to_end(train):
     assert (stage.data.train.path, stage.data.train.name) == (str(data_dir), "sft")
     dpo = run.result("04_dpo.json")  # DPO on the pairs, from the SFT model
     assert dpo["global_step"] == math.ceil(rs["dpo"]["rows"] / 16) and "train_loss" in dpo["train_metrics"]
-    a = load_file(run.dir / "ckpt" / "03_sft" / "final" / "model.safetensors")
-    b = load_file(run.dir / "ckpt" / "04_dpo" / "final" / "model.safetensors")
-    assert any(not (a[k] == b[k]).all() for k in a)
+    assert_every_tensor_moved(run.dir / "ckpt" / "03_sft" / "final", run.dir / "ckpt" / "04_dpo" / "final")
 
     summary = run.result("summary.json")
     assert [r["stage"] for r in summary["rows"]] == ["01_cold_start", "03_sft", "04_dpo"]

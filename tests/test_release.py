@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import os
 import weakref
-from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-from hydra import compose, initialize_config_dir
 
-from reinforce_cot import models, parts, recipes, training
-
-ROOT = Path(__file__).resolve().parents[1]
+from reinforce_cot import models, parts, training
+from tests.helpers import run_in_process
 
 
 class StandInLLM:
@@ -66,9 +63,7 @@ def test_a_finished_stage_leaves_nothing_behind(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "load_model", load_model)
     monkeypatch.setattr(parts, "install_lr_multipliers", install_lr_multipliers)
     monkeypatch.setattr(training, "train_stage", train_stage)
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-        results = recipes.run(recipes.prepare(cfg, tmp_path / "run", overrides))
+    results = run_in_process(tmp_path, *overrides).results
 
     assert results["01_sft"]["global_step"] == 2 and "rows" in results["02_evaluate"]
     assert len(made["models"]) == 2 and len(made["trainers"]) == 1

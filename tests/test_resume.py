@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import kill_at_checkpoint, run_train
+import pytest
+
+from tests.helpers import kill_at_checkpoint, run_train
 
 STEPS = 12
 
 
+@pytest.mark.slow  # a CLI run killed at its checkpoint, then resumed: ~15 s
 def test_kill_then_resume_reaches_the_same_final_step(tmp_path):
     run_dir = kill_at_checkpoint(
         tmp_path, "01_sft/checkpoint-4", "recipe=single", "algo=sft", "reward=none", "debug=smoke",

@@ -13,11 +13,12 @@ from torch.utils.data import BatchSampler
 
 from reinforce_cot import sampling
 from reinforce_cot.errors import ConfigError
+from tests.helpers import ROOT, free_port, run_in_process
 
 N = 30
 
 
-def _data(n=N, **cols):
+def _data(n=N):
     rows = [{"id": f"p{i}", "difficulty": i % 3, "pass_rate": 1 - (i % 10) / 10} for i in range(n)]
     return Dataset.from_list(rows)
 
@@ -50,7 +51,6 @@ def test_curriculum_draws_only_from_the_easiest_fraction_on_the_linear_schedule(
     s = sampling.CurriculumSampler(
         ds, mini_repeat_count=2, batch_size=2, seed=0, total_chunks=N // 2, start=0.2, full_at=0.5
     )
-    rank = {i: r for r, i in enumerate(sorted(range(N), key=lambda i: ds[i]["difficulty"]))}
     for position, chunk in enumerate(_chunks(s, 4)):
         p = position / (N // 2)
         open_fraction = 0.2 + 0.8 * min(1.0, p / 0.5)  # the definition, written out independently
@@ -62,7 +62,13 @@ def test_curriculum_draws_only_from_the_easiest_fraction_on_the_linear_schedule(
             assert {ds[i]["difficulty"] for i in chunk} == {0}  # the first 20 % are all level 0
     late = [ds[i]["difficulty"] for c in _chunks(s, 4)[N // 4 :] for i in c]
     assert 2 in late  # hard prompts come in once the schedule has opened everything
-    assert rank  # (ranks used only to show ties are broken within a level)
+    # ties within a level in a seeded random order: the open 20 % (6 of the 10 level-0 prompts) is a random
+    # subset of the level, the same for the same seed and another for another seed
+    level0 = {i for i in range(N) if ds[i]["difficulty"] == 0}
+    other = sampling.CurriculumSampler(ds, 2, 2, seed=1, total_chunks=N // 2, start=0.2, full_at=0.5)
+    again = sampling.CurriculumSampler(ds, 2, 2, seed=0, total_chunks=N // 2, start=0.2, full_at=0.5)
+    assert set(s.pool(0)) < level0 and set(other.pool(0)) < level0 and len(s.pool(0)) == 6
+    assert s.pool(0) == again.pool(0) and set(s.pool(0)) != set(other.pool(0))
 
 
 def test_curriculum_by_pass_rate_starts_with_the_highest_pass_rates():
@@ -157,7 +163,7 @@ def test_curriculum_needs_its_column():
         sampling.CurriculumSampler(ds, 2, 2)
 
 
-# ------------------------------------------------------------------------------- through the CLI
+# ------------------------------------------------------------------------------- through the recipe
 def _jsonl(tmp_path, with_difficulty: bool):
     path = tmp_path / "d.jsonl"
     rows = [{"question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(8)]
@@ -168,21 +174,21 @@ def _jsonl(tmp_path, with_difficulty: bool):
     return ["data=jsonl", "data.modality=text", "model=tiny_lm", f"data.train.path={path}", f"data.test.path={path}"]
 
 
-def test_curriculum_on_data_without_difficulty_fails_at_data_load(train, tmp_path):
-    run = train("recipe=single", "algo=grpo", "sampler=curriculum", *_jsonl(tmp_path, False))
-    assert run.returncode == 2, run
-    assert "sampler=curriculum reads the 'difficulty' column, which data=jsonl lacks" in run.stderr
-    assert "loaded Qwen" not in run.stdout + run.stderr  # before any weights load
+def test_curriculum_on_data_without_difficulty_fails_at_data_load(tmp_path):
+    with pytest.raises(ConfigError, match="sampler=curriculum reads the 'difficulty' column, which data=jsonl lacks"):
+        run_in_process(tmp_path, "recipe=single", "algo=grpo", "sampler=curriculum", *_jsonl(tmp_path, False))
+    assert not (tmp_path / "run").exists()  # before anything is written, so before any weights load
 
 
-def test_prioritized_without_the_accuracy_reward_fails_at_data_load(train, tmp_path):
-    run = train("recipe=single", "algo=grpo", "sampler=prioritized", "reward=format", *_jsonl(tmp_path, True))
-    assert run.returncode == 2, run
-    assert "updates success rates from the 'accuracy' reward, which reward= lacks" in run.stderr
+def test_prioritized_without_the_accuracy_reward_fails_at_data_load(tmp_path):
+    with pytest.raises(ConfigError, match="updates success rates from the 'accuracy' reward, which reward= lacks"):
+        run_in_process(
+            tmp_path, "recipe=single", "algo=grpo", "sampler=prioritized", "reward=format", *_jsonl(tmp_path, True)
+        )
 
 
-@pytest.mark.slow
-def test_prioritized_grpo_saves_its_state_and_resumes_it(train, sft_checkpoint):
+@pytest.mark.slow  # 4 GRPO steps, then 2 more after a resume, in process: ~15 s
+def test_prioritized_grpo_saves_its_state_and_resumes_it(tmp_path, caplog, sft_checkpoint):
     steps = 4
     common = [
         "recipe=single",
@@ -196,8 +202,7 @@ def test_prioritized_grpo_saves_its_state_and_resumes_it(train, sft_checkpoint):
         "algo.args.save_total_limit=null",
         "eval.k=0",
     ]
-    run = train(*common)
-    assert run.returncode == 0, run
+    run = run_in_process(tmp_path, *common)
     ckpt = run.dir / "ckpt" / "01_grpo"
     at2 = json.loads((ckpt / "checkpoint-2" / sampling.STATE_FILE).read_text())
     at4 = json.loads((ckpt / "checkpoint-4" / sampling.STATE_FILE).read_text())
@@ -211,14 +216,14 @@ def test_prioritized_grpo_saves_its_state_and_resumes_it(train, sft_checkpoint):
     shutil.rmtree(ckpt / "checkpoint-4")
     shutil.rmtree(ckpt / "final")
     (run.dir / "result" / "01_grpo.json").unlink()
-    again = train(f"resume={run.dir}")
-    assert again.returncode == 0, again
-    assert "sampler state restored from" in (run.dir / "output.log").read_text()
+    caplog.set_level("INFO")
+    run_in_process(tmp_path, f"resume={run.dir}")
+    assert "sampler state restored from" in caplog.text
     resumed = json.loads((ckpt / "checkpoint-4" / sampling.STATE_FILE).read_text())
     assert sum(resumed["attempts"]) == 4 * 16  # 2 restored rounds + 2 new ones, not 2
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # torchrun, 2 processes, 4 GRPO steps: ~20 s
 def test_two_processes_draw_the_same_groups_and_share_success_rates(tmp_path, sft_checkpoint):
     """torchrun with 2 gloo processes: each process gets half of every generation batch (one group
     straddles both), the sampler draws the same chunk on both, the length reward is computed on whole
@@ -227,18 +232,12 @@ def test_two_processes_draw_the_same_groups_and_share_success_rates(tmp_path, sf
     torchrun directly, not hardware=cpu_ddp2: that preset validates in a 1-process parent first, where
     TRL rejects a per-device batch (6) that num_generations (4) does not divide, though 2 x 6 = 12 is fine."""
     import os
-    import socket
     import subprocess
     import sys
 
-    from conftest import ROOT
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     run_dir = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         str(ROOT / "train.py"), "recipe=single", "algo=grpo", "debug=smoke", "hardware.num_processes=2",
         f"model.init_from={sft_checkpoint}", "sampler=prioritized", "reward=kimi_length",
         "algo.args.per_device_train_batch_size=6", "algo.args.num_generations=4",  # 12 per round: 3 groups, 6 per process

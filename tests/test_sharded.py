@@ -10,27 +10,18 @@ import collections
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from reinforce_cot import data, generation, hardware, images, models, tiny
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def cfg_for(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
+from tests.helpers import ROOT, compose_cfg, free_port
 
 
 def test_generation_model_goes_to_this_ranks_gpu(monkeypatch):
-    cfg = cfg_for("generation.max_new_tokens=4")
+    cfg = compose_cfg("generation.max_new_tokens=4")
     path = str(tiny.build(cfg.model))
     placed = []
     real_load = models.load_model
@@ -82,6 +73,7 @@ def test_threads_per_process_on_gpu_machines():
     assert default_threads(2 * cores, gpu=True) == 1  # never 0
 
 
+@pytest.mark.slow  # the sft_checkpoint fixture; the generations themselves take ~2 s
 def test_greedy_ignores_a_checkpoints_generation_defaults(sft_checkpoint, tmp_path):
     """A checkpoint whose generation_config.json asks for a repetition penalty, an n-gram ban and top-k/top-p
     (as Qwen2.5-VL-Instruct's does) scores exactly like the same weights without it, greedy and sampled."""
@@ -95,7 +87,7 @@ def test_greedy_ignores_a_checkpoints_generation_defaults(sft_checkpoint, tmp_pa
             | {"repetition_penalty": 1.8, "no_repeat_ngram_size": 2, "top_k": 1, "top_p": 0.1, "do_sample": True}
         )
     )
-    cfg = cfg_for("generation.max_new_tokens=24", "generation.batch_size=8")
+    cfg = compose_cfg("generation.max_new_tokens=24", "generation.batch_size=8")
     rows = images.capped(data.from_rows(data.shapes_rows(8, seed=7, image_size=64)), None)  # the row contract
     out = {}
     for name, path in (("clean", sft_checkpoint), ("polluted", polluted)):
@@ -116,12 +108,6 @@ def test_greedy_ignores_a_checkpoints_generation_defaults(sft_checkpoint, tmp_pa
     assert inherited != [t[0] for t in out["clean"][0]]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow  # ~25 s: two interpreters import torch + transformers; the evaluation itself is a second
 def test_two_processes_share_the_evaluate_stage_and_match_one_process(sft_checkpoint, tmp_path):
     """The sft_checkpoint run's own evaluate stage ran in 1 process; its copy, resumed under torchrun with 2
@@ -133,7 +119,7 @@ def test_two_processes_share_the_evaluate_stage_and_match_one_process(sft_checkp
     shutil.copytree(run / "ckpt" / "01_sft" / "final", copy / "ckpt" / "01_sft" / "final")
     (copy / "result").mkdir()
     shutil.copy(run / "result" / "01_sft.json", copy / "result")  # the train stage is done; evaluate is not
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(ROOT / "train.py"), f"resume={copy}"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=os.environ)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -170,7 +156,7 @@ def test_vllm_backend_ignores_checkpoint_defaults_and_stops_its_engine(monkeypat
             self.stopped = True
 
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=dict))
-    cfg = cfg_for("generation=vllm")
+    cfg = compose_cfg("generation=vllm")
     with generation.VLLMBackend("/some/model", data_cfg=cfg.data) as backend:
         assert made[0].kwargs["generation_config"] == "vllm"  # the checkpoint's top_k/top_p/penalty stay out
     assert made[0].stopped and not hasattr(backend, "llm")  # the engine was shut down and let go
@@ -188,16 +174,17 @@ PartialState(cpu=True)  # as a CPU stage's TrainingArguments sets it up (a GPU o
 if hardware.rank() == 0:
     time.sleep(6)  # rank 0 alone: a merge, plots, an evaluation through a server...
 hardware.barrier()
-print("rank", hardware.rank(), "waited", flush=True)
+sys.stdout.write(f"rank {hardware.rank()} waited\\n")  # one write: the two ranks share the pipe
 """
 
 
+@pytest.mark.slow  # torchrun, 2 processes, one waiting 6 s for the other: ~10 s
 def test_waiting_ranks_outlast_the_default_groups_timeout(tmp_path):
     """The ranks that wait for rank 0 (hardware.barrier, sharded.follow) wait on a gloo group with a long
     timeout, not on the default group, whose timeout (ddp_timeout, 30 min) would kill them."""
     script = tmp_path / "waiter.py"
     script.write_text(WAITER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(script)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=os.environ)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -19,25 +19,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_sweep
 
 from reinforce_cot import rundir
+from tests.helpers import run_sweep
 
 pytestmark = pytest.mark.slurm
 
 TINY = ("recipe=single", "algo=sft", "debug=smoke", "hardware=slurm_cpu")
 STEPS = 4  # debug=smoke's max_steps
 ROWS, BATCH = 96, 16  # debug=smoke's data.train.n and per_device_train_batch_size
-
-
-@pytest.fixture
-def slurm(slurm_cluster, tmp_path):
-    """The cluster's client environment; jobs a test leaves behind (driver killed by a timeout) are cancelled."""
-    yield slurm_cluster
-    out = subprocess.run(["squeue", "-h", "-o", "%i %Z"], env=slurm_cluster, capture_output=True, text=True).stdout
-    mine = [job for job, _, workdir in (line.partition(" ") for line in out.splitlines()) if workdir == str(tmp_path)]
-    if mine:
-        subprocess.run(["scancel", *mine], env=slurm_cluster)
 
 
 def sacct_states(env, job_id: str, timeout: float = 60) -> list[str]:

@@ -10,7 +10,11 @@ import json
 import os
 
 import pytest
-from conftest import ROOT, run_sweep
+
+from tests.helpers import ROOT, run_sweep
+
+# Both tests read the one module-scoped sweep: on one xdist worker, or each worker would run it (~30 s).
+pytestmark = pytest.mark.xdist_group("local_sweep")
 
 TINY = ("recipe=single", "algo=sft", "debug=smoke")
 STEPS = 4  # debug=smoke's max_steps
@@ -24,7 +28,7 @@ def local_sweep(tmp_path_factory):
     return sweep
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # the local_sweep fixture: 3 jobs through submitit's local executor, ~30 s
 def test_local_launcher_runs_each_job_in_its_own_run_dir(local_sweep):
     sweep = local_sweep
     assert [p.name for p in sweep.jobs()] == ["0", "1", "2"]
@@ -46,7 +50,7 @@ def test_local_launcher_runs_each_job_in_its_own_run_dir(local_sweep):
     assert all(line.split("|")[3].strip() == "ok" for line in table[2:]), table
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # the local_sweep fixture, then the notebook in a kernel: ~5 s
 def test_compare_notebook_draws_the_sweep(local_sweep, tmp_path, monkeypatch):
     import nbclient  # the dev extra
     import nbformat

@@ -9,20 +9,17 @@ Everything on the trainer's side (tokenization, chat template, TRL's VLLMGenerat
 from __future__ import annotations
 
 import functools
-import os
 import types
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
 
 from reinforce_cot import data as data_lib
+from reinforce_cot import hardware, models, rewards, training, vllm_images
 from reinforce_cot import images as images_lib
-from reinforce_cot import models, rewards, training, vllm_images
+from tests.helpers import compose_cfg
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 HUB_MAX_PIXELS = 12845056  # Qwen2.5-VL's preprocessor_config.json on the hub: what vLLM uses unless told otherwise
 COMPLETION = [100, 101, 102]  # ordinary tokens of the tiny vocabulary (ids < 7 are the special ones)
 
@@ -133,31 +130,25 @@ def fake_vllm(monkeypatch):
     RecordingLLM.prompts = []
     RecordingServer.requests = []
     RecordingServer.images = []
-    env = dict(os.environ)
-    yield
-    # TRL's vLLM setup exports RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT into this process: left there,
-    # every later subprocess test on this xdist worker would start "distributed" on port 29500 (EADDRINUSE)
-    os.environ.clear()
-    os.environ.update(env)
+    # TRL's colocated vLLM sets RANK/WORLD_SIZE/MASTER_* and starts a process group of one: undone after the test,
+    # as after a stage, or the next TrainingArguments in this process sets up torch.distributed from them
+    with hardware.stage_scope("vllm_images test"):
+        yield
 
 
 def _trainer(algo: str, mode: str, mixin: bool, rows):
     """A real TRL trainer on the tiny VLM with use_vllm (batch shrunk to 2 prompts x 2 samples: the
     tokens, not the batch, are under test)."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                "recipe=single",
-                f"algo={algo}",
-                "debug=smoke",
-                "algo.args.use_vllm=true",
-                f"algo.args.vllm_mode={mode}",
-                "algo.args.num_generations=2",
-                "algo.args.per_device_train_batch_size=4",
-                "algo.args.steps_per_generation=1",
-            ],
-        )
+    cfg = compose_cfg(
+        "recipe=single",
+        f"algo={algo}",
+        "debug=smoke",
+        "algo.args.use_vllm=true",
+        f"algo.args.vllm_mode={mode}",
+        "algo.args.num_generations=2",
+        "algo.args.per_device_train_batch_size=4",
+        "algo.args.steps_per_generation=1",
+    )
     path = models.resolve_path(cfg.model)
     proc = models.load_processing_class(path, cfg.model)
     args = instantiate(cfg.algo.args, output_dir="/tmp/rcot_vllm_images_test")

@@ -7,7 +7,7 @@ one way out for an error the user can act on.
     python train.py -m ... hydra/launcher=slurm   # reinforce_cot.launcher (before any job is submitted)
 
 - CONF_DIR: conf/ of this checkout (an editable install: conf/ sits beside src/, outside the package).
-- `register()`: the OmegaConf resolvers the config tree uses (`rc.run_dir`, `rc.mul`, `rc.conf`) and the
+- `register()`: the OmegaConf resolvers the config tree uses (`rc.run_dir`, `rc.mul`) and the
   ConfigStore nodes it lists (`key_check`: reinforce_cot.overrides). reinforce_cot/__init__.py calls it,
   so any `import reinforce_cot...` can compose conf/ (the tests, notebooks and Hydra's own launchers do).
 - `route_library_logs()`: transformers/TRL logs into output.log, one progress bar per stage.
@@ -64,8 +64,6 @@ def register() -> None:
     OmegaConf.register_new_resolver("rc.run_dir", _run_dir, replace=True, use_cache=True)
     # `${rc.mul:${model.lr.sft},0.2}`: a learning rate scaled in a recipe (conf/recipe/two_phase.yaml)
     OmegaConf.register_new_resolver("rc.mul", lambda a, b: float(a) * float(b), replace=True)
-    # `${rc.conf:deepspeed/zero2.json}`: an absolute path to a file under conf/, whatever the working dir
-    OmegaConf.register_new_resolver("rc.conf", lambda rel: str(CONF_DIR / rel), replace=True)
     # conf/train.yaml's `key_check: per_stage`, conf/evaluate.yaml's `key_check: hydra` (reinforce_cot.overrides)
     per_stage = OmegaConf.create({key: {} for key in (*overrides.STAGE_GROUPS, overrides.TARGET)})
     for key in per_stage:

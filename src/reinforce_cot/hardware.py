@@ -293,7 +293,7 @@ def validate(cfg, quantized: bool = False) -> None:
     if ds:
         if isinstance(ds, str) and not Path(ds).expanduser().is_file():
             raise ConfigError(
-                f"algo.args.deepspeed={ds}: no such file; use ${{rc.conf:deepspeed/zero2.json}} or a path"
+                f"algo.args.deepspeed={ds}: no such file; use deepspeed=zero2 (conf/deepspeed/) or a JSON file's path"
             )
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError(
@@ -303,7 +303,7 @@ def validate(cfg, quantized: bool = False) -> None:
             raise ConfigError(
                 f"peft={cfg.peft.name} with ZeRO-3 (hardware={hw.name}): the 4-bit base is loaded whole on each "
                 "GPU (device_map, uint8 storage), which ZeRO-3 cannot partition; use "
-                "'algo.args.deepspeed=${rc.conf:deepspeed/zero2.json}', or peft=lora"
+                "deepspeed=zero2, or peft=lora"
             )
 
 

@@ -189,8 +189,8 @@ def _variants(cfg) -> list[tuple[str, object]]:
         for name in (["zero3"] if stage < 3 else []) + ([] if off_opt else ["zero3_offload"]):
             c = cfg.copy()
             with open_dict(c):
-                c.algo.args.deepspeed = str(cli.CONF_DIR / "deepspeed" / f"{name}.json")
-            out.append((f"'algo.args.deepspeed=${{rc.conf:deepspeed/{name}.json}}'", c))  # quoted for the shell
+                c.algo.args.deepspeed = OmegaConf.load(cli.CONF_DIR / "deepspeed" / f"{name}.yaml").config
+            out.append((f"deepspeed={name}", c))
     return out
 
 

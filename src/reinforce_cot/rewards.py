@@ -135,6 +135,10 @@ def _verify_without_alarm(gold: str, pred: str) -> bool:
     return _math_verify(gold, pred, timeout=None)
 
 
+def _import_math_verify() -> None:
+    import math_verify  # noqa: F401
+
+
 _pool = None
 _pool_lock = threading.Lock()
 
@@ -148,7 +152,11 @@ def _helper_pool():
             from pebble import ProcessPool
 
             # spawn, not fork: forking a process that runs threads (torch, TRL) can deadlock the child
-            _pool = ProcessPool(max_workers=1, context=multiprocessing.get_context("spawn"))
+            # the initializer imports math-verify (sympy: seconds on a busy machine) before any task, whose
+            # timeout then measures the comparison alone, not the worker's start
+            _pool = ProcessPool(
+                max_workers=1, initializer=_import_math_verify, context=multiprocessing.get_context("spawn")
+            )
             atexit.register(_pool.stop)
         return _pool
 
