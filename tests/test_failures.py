@@ -106,6 +106,19 @@ def test_a_resume_moves_the_failed_marker_to_its_record(tmp_path):
     assert kept.read_text().startswith("RuntimeError: boom\n")
 
 
+def test_a_resume_refused_before_it_starts_keeps_the_earlier_failure(call_main, monkeypatch, tmp_path):
+    # the run failed once; its resume then fails validation (before note_resume would keep the marker)
+    rundir.mark_failed(tmp_path / "run", "RuntimeError: boom")
+    _stage_raises(monkeypatch, ConfigError("resume=run: these overrides differ from the run's"))
+    with pytest.raises(SystemExit):
+        call_main(RunMode.RUN)
+    assert rundir.failure(tmp_path / "run") == "error: resume=run: these overrides differ from the run's"
+    [kept] = (tmp_path / "run" / "backup").glob("failed-*/FAILED")
+    assert kept.read_text().startswith("RuntimeError: boom\n")
+    rundir.mark_failed(tmp_path / "run", rundir.failure(tmp_path / "run"))  # the same reason again: one marker
+    assert len(list((tmp_path / "run" / "backup").glob("failed-*"))) == 1
+
+
 def _job(status, value, overrides):
     ret = JobReturn(overrides=overrides, status=status)
     ret.return_value = value

@@ -413,7 +413,7 @@ def needed(cfg) -> bool:
 
 def validate(cfg) -> None:
     """Fail before weights load when `algo.dynamic_sampling` cannot work as set."""
-    from hydra._internal.utils import _locate
+    from hydra.utils import get_object
 
     ds = cfg.algo.get("dynamic_sampling") or {}
     if not needed(cfg):
@@ -421,7 +421,7 @@ def validate(cfg) -> None:
     target = cfg.algo.trainer.get("_target_")
     from trl import GRPOTrainer
 
-    trainer = _locate(target)
+    trainer = get_object(target)
     if not (isinstance(trainer, type) and issubclass(trainer, GRPOTrainer)):
         raise ConfigError(
             f"algo.dynamic_sampling needs a GRPOTrainer-based algo (grpo, gspo, dapo, dr_grpo), not {target}; "

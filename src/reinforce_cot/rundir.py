@@ -5,7 +5,8 @@
                     pip_freeze.txt, command.txt (how it was started: the command, or a sweep's and its job's);
                     jobs.txt (a line per start of a submitit job: reinforce_cot.cluster), preemptions.txt (a
                     line per signal acted on: reinforce_cot.preemption); resume-<time>/ for every resume,
-                    rerun-<time>/ for a sweep rerun of a job that failed before it started
+                    rerun-<time>/ for a sweep rerun of a job that failed before it started, failed-<time>/
+                    for an earlier failure a new one would overwrite (a resume refused in validation)
       ckpt/NN_name/ checkpoint-<step>/ (resumable), final/ (safetensors + processor), merged/ (peft, merge stage)
       data/NN_name/ datasets a curate or rejection_sample stage wrote (hub-layout parquet, report.{json,md})
       result/       NN_name.json per finished stage (its summary), eval_<stage>.json + eval_<stage>/ (metrics,
@@ -29,7 +30,8 @@ What a run dir says about its run (`status`; sweep tooling builds on it):
   child's own reason or `torchrun exited with code N`), the second line points at output.log. Written by
   `mark_failed` on every failure path of `reinforce_cot.main` (validation, a stage, a torchrun child; a
   single run or a sweep job), by rank 0 only. A resume moves it to backup/resume-<time>/FAILED; a sweep
-  rerun of a job that failed before it started, to backup/rerun-<time>/FAILED (reinforce_cot.sweeps).
+  rerun of a job that failed before it started, to backup/rerun-<time>/FAILED (reinforce_cot.sweeps); a
+  failure before either (a resume refused in validation), to backup/failed-<time>/FAILED.
 - none of these: running, or killed from outside (time limit, scancel, OOM kill): a killed job writes
   nothing, so it is told apart from a failed one and can be resumed (`resume=<dir>`, Slurm requeue).
 Exit codes: a run exits 0 when it finished, 2 for bad input (`error: ...`, one line), 1 (or torchrun's
@@ -186,6 +188,8 @@ def status(run_dir: Path) -> str:
 def mark_failed(run_dir: Path, reason: str) -> None:
     """Mark a run dir failed (result/FAILED, the contract in the module docstring) with a one-line reason."""
     line = " ".join(str(reason).split()) or "failed"  # one line, whatever the exception's text
+    if failure(run_dir) not in (None, line):  # an earlier attempt's (a resume refused in validation): kept
+        keep_failure(run_dir, f"failed-{time.strftime('%Y%m%d_%H%M%S')}")
     path = Path(run_dir) / FAILED
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"{line}\nsee {log_file(run_dir)}\n")
