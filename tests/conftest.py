@@ -44,15 +44,19 @@ def _env(tmp_path_factory, worker_id):
     yield
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads xdist_group marks into the test ids
 def pytest_collection_modifyitems(items):
     for item in items:
         # One local Slurm cluster serves the whole session: keep its tests on one xdist worker, so one worker
-        # starts it and stops it, and none stops it under another.
+        # starts it and stops it, and none stops it under another (without tryfirst they spread over the
+        # workers, and the first to finish stopped the cluster under a running sweep).
         if item.get_closest_marker("slurm"):
             item.add_marker(pytest.mark.xdist_group("slurm"))
         trains = TRAINING_FIXTURES & set(getattr(item, "fixturenames", ()))
         if trains and not item.get_closest_marker("slow"):
             raise pytest.UsageError(f"{item.nodeid} uses {sorted(trains)}, which train a model: mark it slow")
+    # the Slurm tests run one after another on their worker (~4 min, the longest chain): scheduled first
+    items.sort(key=lambda item: item.get_closest_marker("slurm") is None)
 
 
 @pytest.fixture
