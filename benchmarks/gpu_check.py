@@ -196,6 +196,8 @@ def _zero(ctx: Context, stage: int) -> dict:
     res = _json(run / "result" / "01_grpo.json")
     assert res["distributed_type"] == "DEEPSPEED" and res["global_step"] == 4, res["distributed_type"]
     assert (run / "result" / "summary.json").is_file(), "no evaluation after the ZeRO stage"
+    if stage == 3:  # the args exist before the model: from_pretrained loads each rank's shard (zero.Init)
+        assert "model loaded partitioned (ZeRO-3 zero.Init)" in (run / "output.log").read_text(), "loaded whole"
     return {"steps": res["global_step"], "train_s": res["wall_seconds"]}
 
 

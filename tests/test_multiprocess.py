@@ -135,6 +135,11 @@ def test_deepspeed_zero3_with_lora_merges_and_evaluates_on_rank0(train):
     )
     assert run.returncode == 0, run
     _check_eval_during_training(run)
+    # the TrainingArguments (and their DeepSpeed config) exist before the model loads: each rank loads its shard
+    assert (
+        "[01_sft] model loaded partitioned (ZeRO-3 zero.Init): this rank holds 1/2 of it"
+        in (run.dir / "output.log").read_text()
+    )
     res = run.result("01_sft.json")
     assert res["ranks"] == [0, 1] and res["distributed_type"] == "DEEPSPEED"
     assert (run.dir / "ckpt/01_sft/merged/model.safetensors").is_file()
