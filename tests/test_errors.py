@@ -90,3 +90,29 @@ def _jsonl(tmp_path, rows):
 def test_jsonl_rows(tmp_path, bad, needle):
     good = {"image": "ok.png", "question": "Q?", "answer": "1"}
     assert needle in _refused(tmp_path, *_jsonl(tmp_path, [good, bad]))
+
+
+def test_a_failure_that_is_not_the_configs_is_not_called_bad_input(monkeypatch):
+    # TrainingArguments set up the process group while validation builds them: a rendezvous port another
+    # process holds is the machine's problem, not an `error: algo=...` to fix in the command (exit 2)
+    import trl
+
+    from reinforce_cot import config
+    from tests.helpers import compose_cfg
+
+    cfg = compose_cfg("recipe=single", "algo=sft")
+
+    def bind_fails(self):
+        raise RuntimeError("The server socket has failed to listen on any local network address: EADDRINUSE")
+
+    monkeypatch.setattr(trl.SFTConfig, "__post_init__", bind_fails)
+    with pytest.raises(RuntimeError, match="EADDRINUSE") as e:
+        config.validate(cfg)
+    assert not isinstance(e.value, ConfigError)
+
+    def field_refused(self):
+        raise ValueError("bad field")
+
+    monkeypatch.setattr(trl.SFTConfig, "__post_init__", field_refused)
+    with pytest.raises(ConfigError, match=r"^algo=sft: bad field$"):  # the config's own refusal stays one line
+        config.validate(cfg)

@@ -50,12 +50,14 @@ class Tasks:
 
 
 def master_port(job_id: str) -> int:
-    """A port every task of a job derives alike, different for jobs sharing a node.
+    """A port every task of a job derives alike, different for jobs sharing a node, and below Linux's
+    ephemeral range (32768-60999 by default), where any outgoing connection on the node may hold it: a
+    rendezvous port taken that way failed with EADDRINUSE.
 
-    >>> master_port("1234") == master_port("1234"), 20000 <= master_port("1234") < 60000
+    >>> master_port("1234") == master_port("1234"), 20000 <= master_port("1234") < 32000
     (True, True)
     """
-    return 20000 + zlib.crc32(job_id.encode()) % 40000
+    return 20000 + zlib.crc32(job_id.encode()) % 12000
 
 
 def torch_distributed_env(tasks: Tasks, cuda_visible_devices: str | None) -> dict[str, str]:

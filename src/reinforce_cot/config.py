@@ -82,6 +82,8 @@ def _validate_trainer(algo) -> None:
             algo.args, output_dir="/tmp/reinforce_cot_validate", _convert_="all", **hardware.validation_args()
         )
     except InstantiationException as e:  # TRL's / transformers' own words, its `--field`s named as our keys
+        if e.__cause__ is not None and not isinstance(e.__cause__, (ValueError, TypeError, ImportError)):
+            raise e.__cause__ from None  # not the config's fault (a rendezvous port taken, ...): not bad input
         cause = re.sub(r"--(\w+)", r"algo.args.\1", " ".join(str(e.__cause__ or e).split()))
         raise ConfigError(f"algo={algo.name}: {cause}") from None
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
