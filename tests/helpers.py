@@ -59,6 +59,8 @@ def free_port() -> int:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """Every line parsed, strictly: unlike generation.read_jsonl (which skips a line a crash cut short), a
+    corrupt line in what a run wrote fails the test."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 

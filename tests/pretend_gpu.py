@@ -117,8 +117,6 @@ def gpus(monkeypatch, n: int = 8) -> None:
     """`n` visible bf16 GPUs and the GPU-only packages, for validation (see the module docstring)."""
     import torch
     import transformers.training_args as ta
-    import trl.trainer.grpo_trainer  # noqa: F401
-    import trl.trainer.rloo_trainer  # noqa: F401  (imported for real first: with vllm "found" they would import it)
 
     # TRL imports vllm at module level where find_spec finds it (trl.generation): its trainers must be imported
     # before vllm "appears", or the first test to pretend in a process fails on `import vllm`

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf, open_dict
 
 from reinforce_cot import recipes
 from reinforce_cot.errors import ConfigError
-from tests.helpers import CONF
+from tests.helpers import CONF, compose_cfg
 
 # Where an option needs a value the user must give (`???`), the value the composition test gives it.
 REQUIRED = {
@@ -49,8 +49,7 @@ def _listing() -> list[tuple[str, str]]:
 
 
 CHOICES = _listing()
-with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):  # the groups conf/train.yaml lists
-    DEFAULTS = set(compose(config_name="train", return_hydra_config=True).hydra.runtime.choices)
+DEFAULTS = set(compose_cfg(return_hydra_config=True).hydra.runtime.choices)  # the groups conf/train.yaml lists
 
 
 def test_the_listing_has_every_group():
