@@ -30,7 +30,7 @@ venv: $(VENV)/.installed  ## create/update .venv (idempotent)
 train: venv  ## run the default recipe (tiny VLM, SFT -> GRPO -> evaluate, CPU, < 10 min)
 	$(PY) train.py $(ARGS)
 
-test: venv  ## the whole test suite (CPU, 9-10 min on 2 cores)
+test: venv  ## the whole test suite (CPU, 9-11 min on 2 cores)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: venv  ## units, composition, validation: nothing trains (< 2 min)
